@@ -20,7 +20,8 @@ re-raised as one of these with the original chained as ``__cause__``.
     ├── ProtocolError               a wire frame is invalid
     │   ├── FrameError              malformed or oversized frame, bad field
     │   ├── VersionMismatch         protocol versions differ
-    │   └── BundleMismatch          client and server hold different bundles
+    │   ├── BundleMismatch          client and server hold different bundles
+    │   └── SessionStateError       a request does not fit the session's state (KV length, units)
     ├── ServerError                 talking to a server failed
     │   ├── ServerUnavailable       cannot reach the server (names the URL)
     │   ├── AuthError               missing or wrong token
@@ -61,6 +62,7 @@ __all__ = [
     "RuntimeFailure",
     "ServerError",
     "ServerUnavailable",
+    "SessionStateError",
     "SplitLLMError",
     "UnknownCodec",
     "UnsupportedArchitecture",
@@ -138,6 +140,10 @@ class VersionMismatch(ProtocolError):
 
 class BundleMismatch(ProtocolError):
     code = "bundle_mismatch"
+
+
+class SessionStateError(ProtocolError):
+    code = "session_state"
 
 
 class ServerError(SplitLLMError):

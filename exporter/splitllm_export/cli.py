@@ -1,0 +1,91 @@
+"""splitllm-export: write a bundle from the built-in model, a GGUF file, a transformers dir or a tiny config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitllm.errors import SplitLLMError
+
+DEFAULT_OUTPUT = "bundles/smollm2"
+
+
+def _parse_splits(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--validate-splits takes 'all' or comma-separated ints, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitllm-export",
+        description="Export an LLM as a SplitLLM bundle: per-layer ONNX blocks that compose into any "
+        "split, weights stored once, validated against transformers at every split.",
+    )
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--builtin", metavar="NAME", help="a built-in model (default: smollm2)")
+    src.add_argument("--gguf", metavar="PATH", help="a Llama- or GPT-2-family GGUF file")
+    src.add_argument("--hf", metavar="DIR", help="a transformers checkpoint directory")
+    src.add_argument("--tiny", choices=["llama", "gpt2"], help="a random-weight test model")
+    parser.add_argument("--layers", type=int, default=4, help="layers of a --tiny model (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a --tiny model (default 0)")
+    parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"bundle directory (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--skip-validate", action="store_true", help="do not validate splits (the manifest says so)")
+    parser.add_argument("--validate-splits", type=_parse_splits, default=None, metavar="all|K,K,...",
+                        help="validate only these splits (default: all)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def load_source(args: argparse.Namespace):  # noqa: ANN201 - splitllm_export.sources.Source
+    from splitllm_export import sources
+
+    if args.gguf:
+        return sources.load_gguf(args.gguf)
+    if args.hf:
+        return sources.load_hf(args.hf)
+    if args.tiny:
+        return sources.load_tiny(args.tiny, num_layers=args.layers, seed=args.seed)
+    name = args.builtin or "smollm2"
+    return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.BUILTIN[name][2])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from splitllm_export.export import export_bundle
+
+        if not args.quiet:
+            print("loading model ...", file=sys.stderr)
+        source = load_source(args)
+        path = export_bundle(
+            source,
+            Path(args.output),
+            force=args.force,
+            validate=not args.skip_validate,
+            splits=args.validate_splits,
+            show_progress=not args.quiet,
+        )
+        from splitllm.bundle import Bundle
+        from splitllm.cli import bundle_summary
+
+        print(bundle_summary(Bundle.open(path, verify=False)))
+    except SplitLLMError as exc:
+        print(f"splitllm-export: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("splitllm-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Write a bundle: blocks, shared weights, tokenizer, validation, then the manifest, atomically.
+
+Everything is written into a hidden sibling directory; the manifest goes in last and the
+directory is renamed into place only after validation passed. An interrupted export therefore
+never leaves a directory that opens as a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from splitllm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
+from splitllm.errors import ConfigError, ExportError, SplitLLMError
+from splitllm_export.arch import ArchSpec, Shapes, spec_for
+from splitllm_export.blocks import OPSET, BlockInfo, export_blocks
+from splitllm_export.sources import Source
+from splitllm_export.validate import reference_run, validate_splits
+
+VALIDATION_PROMPT = "What is the capital of France? Answer in one short sentence."
+VALIDATION_STEPS = 4
+REFERENCE_CONTEXT = 512  # context length at which attention FLOPs in the cost table are counted
+
+
+def cost_table(spec: ArchSpec, shapes: Shapes, blocks: Sequence[BlockInfo]) -> dict[str, Any]:
+    """Per-unit costs (embed, layer.0..layer.{L-1}, head) for the planner.
+
+    FLOPs count multiply-adds as 2. Attention FLOPs are counted at ``reference_context``
+    cached positions for a decode step and at half of it (causal average) per prefill token.
+    """
+    h, v = shapes.hidden_size, shapes.vocab_size
+    params = {b.name: b.params for b in blocks}
+    attn_decode = 2 * 2 * shapes.num_heads * shapes.head_dim * REFERENCE_CONTEXT
+    units: list[dict[str, Any]] = [{
+        "name": "embed", "kind": "embed", "params": params["embed"],
+        "flops_per_token_prefill": h, "flops_per_token_decode": h,
+        "out_bytes_per_token": 4 * h, "kv_bytes_per_token": 0,
+    }]
+    for i in range(shapes.num_layers):
+        p = params[f"layer.{i}"]
+        units.append({
+            "name": f"layer.{i}", "kind": "decoder", "params": p,
+            "flops_per_token_prefill": 2 * p + attn_decode // 2,
+            "flops_per_token_decode": 2 * p + attn_decode,
+            "out_bytes_per_token": 4 * h,
+            "kv_bytes_per_token": 2 * shapes.num_kv_heads * shapes.head_dim * 4,
+        })
+    units.append({
+        "name": "head", "kind": "head", "params": params["head"],
+        "flops_per_token_prefill": 2 * h * v, "flops_per_token_decode": 2 * h * v,
+        "out_bytes_per_token": 4 * v, "kv_bytes_per_token": 0,
+    })
+    return {"reference_context": REFERENCE_CONTEXT, "input_bytes_per_token": 4, "units": units}
+
+
+def _prepare_output(out_dir: Path, force: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"output {out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not force:
+            raise ExportError(f"output directory {out_dir} is not empty (use --force to replace it)")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out_dir.parent}: {exc}") from exc
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place; an old one (with --force) is removed only afterwards."""
+    trash = None
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, trash)
+    os.rename(tmp, out_dir)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def export_bundle(
+    source: Source,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    validate: bool = True,
+    splits: Sequence[int] | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Export ``source`` as a bundle at ``out_dir`` and return its path.
+
+    ``splits`` limits validation to some splits (all of 0..L by default).
+    Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
+    """
+    from splitllm.text import TextCodec
+
+    out_dir = Path(out_dir)
+    model = source.model
+    spec = spec_for(model.config)
+    shapes = spec.shapes(model.config)
+    all_splits = list(range(shapes.num_layers + 1))
+    chosen = all_splits if splits is None else sorted(set(splits))
+    bad = [k for k in chosen if k not in all_splits]
+    if bad:
+        raise ConfigError(f"splits {bad} are outside 0..{shapes.num_layers}")
+    _prepare_output(out_dir, force)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    try:
+        tmp.mkdir()
+        n_blocks = shapes.num_layers + 3
+        with tqdm(total=n_blocks, desc="export blocks", unit="block", disable=not show_progress) as bar:
+            def on_block(name: str) -> None:
+                bar.set_postfix_str(name)
+                bar.update(1)
+
+            blocks = export_blocks(model, spec, shapes, tmp, progress=on_block)
+        tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
+        import torch
+        import transformers
+
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": {"id": source.description.get("id", "unknown"), "family": spec.family,
+                      "model_type": model.config.model_type, "source": source.description},
+            "shapes": {k: getattr(shapes, k) for k in shapes.__dataclass_fields__},
+            "dtype": "float32",
+            "units": ["embed"] + [f"layer.{i}" for i in range(shapes.num_layers)] + ["head"],
+            "blocks": {b.name: {"file": b.file, "inputs": b.inputs, "outputs": b.outputs, "params": b.params}
+                       for b in blocks},
+            "segments": _segment_list(shapes.num_layers),
+            "cost": cost_table(spec, shapes, blocks),
+            "tokenizer": tokenizer_meta,
+            "export": {"opset": OPSET, "torch": torch.__version__, "transformers": transformers.__version__,
+                       "created_unix": int(time.time())},
+        }
+        manifest["files"] = {
+            p.name: {"sha256": file_sha256(p), "size_bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        validation: dict[str, Any] = {"skipped": not validate}
+        if validate:
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            bundle = Bundle.open(tmp, verify=False)
+            prompt = source.tokenizer.apply_chat_template(
+                [{"role": "user", "content": VALIDATION_PROMPT}], tokenize=False, add_generation_prompt=True)
+            prompt_ids = bundle.text.encode(prompt)
+            ref = reference_run(model, prompt_ids, VALIDATION_STEPS)
+            with tqdm(total=len(chosen), desc="validate splits", unit="split", disable=not show_progress) as bar:
+                results = validate_splits(bundle, ref, chosen, progress=lambda _k: bar.update(1))
+            validation.update({
+                "reference": f"transformers {transformers.__version__}",
+                "prompt_tokens": len(prompt_ids), "decode_steps": VALIDATION_STEPS,
+                "reference_tokens": ref.tokens, "splits": results,
+                "max_abs_diff": max(float(r["max_abs_diff"]) for r in results),
+            })
+        manifest["validation"] = validation
+        manifest["export"]["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _install(tmp, out_dir)
+    except SplitLLMError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"cannot write the bundle to {out_dir}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _segment_list(num_layers: int) -> list[dict[str, Any]]:
+    """The candidate-split segments, named by the unit range each covers."""
+    segments = []
+    for k in range(num_layers + 1):
+        segments.append({"name": f"prefix.{k}", "split": k, "units": [0, k + 1], "layers": [0, k]})
+        segments.append({"name": f"suffix.{k}", "split": k, "units": [k + 1, num_layers + 2],
+                         "layers": [k, num_layers]})
+    return segments

@@ -1,0 +1,180 @@
+"""Running a range of units with ONNX Runtime and a KV cache.
+
+The same code runs on the device (the prefix) and on the server (the suffix), so both sides
+feed graphs identically: position ids continue from the cache length, and the attention mask
+is an additive causal mask of shape (B, 1, T, P+T) built here in numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from splitllm.errors import ConfigError, RuntimeFailure
+
+if TYPE_CHECKING:
+    from splitllm.bundle import Bundle, ModelShapes
+
+__all__ = ["KVCache", "RuntimeOptions", "Segment", "causal_mask", "make_session"]
+
+_NEG = np.float32(np.finfo(np.float32).min)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """ONNX Runtime settings for one session.
+
+    ``intra_op_threads=0`` lets ORT pick (one per core). ``allow_spinning`` keeps idle pool
+    threads spinning for lower latency; turn it off when several sessions share few cores
+    (see FACTS: many spinning pools on 2 cores starve each other).
+    """
+
+    intra_op_threads: int = 0
+    allow_spinning: bool = True
+    optimization: str = "all"
+
+    def session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if self.optimization not in levels:
+            raise ConfigError(f"optimization must be one of {sorted(levels)}, got {self.optimization!r}")
+        so.graph_optimization_level = levels[self.optimization]
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        so.log_severity_level = 3
+        return so
+
+
+def make_session(
+    bundle: Bundle,
+    start: int,
+    end: int,
+    *,
+    last_logits_only: bool = False,
+    options: RuntimeOptions | None = None,
+) -> ort.InferenceSession:
+    graph = bundle.range_graph(start, end, last_logits_only=last_logits_only)
+    so = (options or RuntimeOptions()).session_options()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
+    try:
+        return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise RuntimeFailure(f"ONNX Runtime could not load units [{start}, {end}) of {bundle.path}: {exc}") from exc
+
+
+def causal_mask(batch: int, n_tokens: int, past_len: int) -> np.ndarray:
+    """Additive mask (B, 1, T, P+T): query t sees keys 0..P+t."""
+    total = past_len + n_tokens
+    if n_tokens == 1:
+        return np.zeros((batch, 1, 1, total), dtype=np.float32)
+    keys = np.arange(total)[None, :]
+    queries = np.arange(n_tokens)[:, None] + past_len
+    mask = np.where(keys <= queries, np.float32(0), _NEG).astype(np.float32)
+    return np.broadcast_to(mask, (batch, 1, n_tokens, total)).copy()
+
+
+class KVCache:
+    """Per-unit key/value arrays (B, KV, P, D) for the decoder layers a side has run."""
+
+    def __init__(self, shapes: ModelShapes, batch: int = 1) -> None:
+        self.shapes = shapes
+        self.batch = batch
+        self._kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._empty = np.zeros((batch, shapes.num_kv_heads, 0, shapes.head_dim), dtype=np.float32)
+
+    def get(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._kv.get(unit, (self._empty, self._empty))
+
+    def set(self, unit: int, key: np.ndarray, value: np.ndarray) -> None:
+        self._kv[unit] = (key, value)
+
+    def length(self, unit: int) -> int:
+        kv = self._kv.get(unit)
+        return 0 if kv is None else int(kv[0].shape[2])
+
+    def units(self) -> list[int]:
+        return sorted(self._kv)
+
+    def truncate(self, length: int, units: range | None = None) -> None:
+        """Keep the first ``length`` positions of the given units (all units by default)."""
+        for unit in list(self._kv) if units is None else units:
+            if unit in self._kv:
+                k, v = self._kv[unit]
+                if length == 0:
+                    del self._kv[unit]
+                else:
+                    self._kv[unit] = (k[:, :, :length], v[:, :, :length])
+
+    def drop(self, units: range) -> None:
+        for unit in units:
+            self._kv.pop(unit, None)
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._kv.values())
+
+
+class Segment:
+    """Units [start, end) as one ORT session, fed from and into a :class:`KVCache`."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        start: int,
+        end: int,
+        *,
+        last_logits_only: bool = True,
+        options: RuntimeOptions | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.start, self.end = start, end
+        self.session = make_session(bundle, start, end, last_logits_only=last_logits_only, options=options)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        num_layers = bundle.num_layers
+        self.layer_units = [u for u in range(start, end) if 1 <= u <= num_layers]
+        self.takes_ids = start == 0
+        self.emits_logits = end == bundle.num_units
+        self.main_output = "logits" if self.emits_logits else f"h{end - 1}"
+        self.main_input = "input_ids" if self.takes_ids else f"h{start - 1}"
+
+    def run(self, x: np.ndarray, cache: KVCache, past_len: int) -> np.ndarray:
+        """Run T new positions after ``past_len`` cached ones; returns hidden (B,T,H) or logits.
+
+        ``x`` is int64 token ids (B, T) for a range that starts with the embeddings, else
+        float32 hidden states (B, T, H). The cache of every layer in the range must hold exactly
+        ``past_len`` positions; it is extended by T on success and untouched on failure.
+        """
+        for unit in self.layer_units:
+            have = cache.length(unit)
+            if have != past_len:
+                raise ConfigError(f"KV cache of unit {unit} holds {have} positions, expected {past_len}")
+        batch, n_tokens = int(x.shape[0]), int(x.shape[1])
+        feeds: dict[str, Any] = {self.main_input: x}
+        if "position_ids" in self.input_names:
+            positions = np.arange(past_len, past_len + n_tokens, dtype=np.int64)
+            feeds["position_ids"] = np.broadcast_to(positions, (batch, n_tokens))
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = causal_mask(batch, n_tokens, past_len)
+        for unit in self.layer_units:
+            key, value = cache.get(unit)
+            feeds[f"past_key.{unit - 1}"] = key
+            feeds[f"past_value.{unit - 1}"] = value
+        try:
+            outputs = self.session.run(None, feeds)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise RuntimeFailure(f"running units [{self.start}, {self.end}) failed: {exc}") from exc
+        named = dict(zip(self.output_names, outputs, strict=True))
+        for unit in self.layer_units:
+            cache.set(unit, named[f"present_key.{unit - 1}"], named[f"present_value.{unit - 1}"])
+        return named[self.main_output]
