@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +54,66 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory (the same one the server loaded)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8765")
+    where.add_argument("--local", action="store_true", help="run every layer here; no server")
+    p.add_argument("--split", type=int, default=None, help="layers run here (default: a third of them)")
+    p.add_argument("--codec", default="int8-block64", help="activation codec (default int8-block64)")
+    p.add_argument("--token", default=None, help="bearer token of the server")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads here (0 = all cores)")
+
+
+def _make_client(args: argparse.Namespace):  # noqa: ANN202
+    from splitllm.client import SplitClient
+
+    return SplitClient(args.bundle, None if args.local else args.server, token=args.token, split=args.split,
+                       codec=args.codec, local=args.local, threads=args.threads)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed}
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    async with _make_client(args) as client:
+        pieces = []
+        async for piece in client.generate(args.prompt, **_sampling(args)):
+            pieces.append(piece.text)
+            if not args.json:
+                print(piece.text, end="", flush=True)
+        stats = client.last_stats
+        if args.json:
+            print(json.dumps({
+                "text": "".join(pieces), "new_ids": stats.new_ids, "split": stats.split,
+                "codec": stats.codec, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                "tokens_per_s": round(stats.tokens_per_s, 2), "first_token_s": round(stats.first_token_s, 4),
+                "stop_reason": stats.stop_reason,
+            }))
+        else:
+            where = "local" if client.local else f"split {stats.split}"
+            print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {where}, {stats.codec}]",
+                  file=sys.stderr)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    return asyncio.run(_generate(args))
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from splitllm.chat_ui import run_chat
+
+    return asyncio.run(run_chat(_make_client(args), _sampling(args), once=args.once))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitllm", description="SplitLLM client: split LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--bundle", required=True)
     info.add_argument("--no-verify", action="store_true", help="skip hashing the files")
     info.set_defaults(func=_cmd_info)
+    gen = sub.add_parser("generate", help="answer one prompt (one user message through the chat template)")
+    _client_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    gen.add_argument("prompt")
+    gen.set_defaults(func=_cmd_generate)
+    chat = sub.add_parser("chat", help="an interactive chat through the split")
+    _client_args(chat)
+    chat.add_argument("--once", default=None, metavar="PROMPT", help="answer one message and exit")
+    chat.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""The client's end of the WebSocket: connect, handshake, one request at a time, errors mapped.
+
+Foreign errors (aiohttp, OSError, timeouts) become ServerUnavailable / AuthError naming the URL;
+Error frames become the splitllm.errors class the server named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from splitllm import wire
+from splitllm.errors import AuthError, FrameError, ServerUnavailable, SplitLLMError
+
+
+@dataclass
+class LinkStats:
+    """What the client measured of its link, from its own frames."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: int = 0
+    server_ms: float = 0.0
+    round_trip_ms: float = 0.0  # wall time of requests, server compute included
+    rtt_ms_ewma: float | None = None
+    history: list[float] = field(default_factory=list)
+
+    def record(self, up: int, down: int, wall_ms: float, server_ms: float, queue_ms: float) -> None:
+        self.bytes_up += up
+        self.bytes_down += down
+        self.requests += 1
+        self.server_ms += server_ms
+        self.round_trip_ms += wall_ms
+        network_ms = max(wall_ms - server_ms - queue_ms, 0.0)
+        self.rtt_ms_ewma = network_ms if self.rtt_ms_ewma is None else 0.8 * self.rtt_ms_ewma + 0.2 * network_ms
+
+
+class Remote:
+    """One WebSocket session with a SplitLLM server."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float, client_name: str) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.client_name = client_name
+        self.http: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.welcome: wire.Welcome | None = None
+        self.stats = LinkStats()
+        self._seq = 0
+        self._lock = asyncio.Lock()
+
+    def _ws_url(self) -> str:
+        if self.url.startswith("https://"):
+            return "wss://" + self.url[len("https://"):] + "/v1/session"
+        if self.url.startswith("http://"):
+            return "ws://" + self.url[len("http://"):] + "/v1/session"
+        return self.url + "/v1/session"
+
+    async def connect(self, bundle_id: str, codec: str) -> wire.Welcome:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout_s))
+        try:
+            self.ws = await self.http.ws_connect(self._ws_url(), headers=headers, max_msg_size=0, heartbeat=30.0)
+        except aiohttp.WSServerHandshakeError as exc:
+            await self.close()
+            if exc.status == 401:
+                raise AuthError(f"the server at {self.url} refused the token (HTTP 401)") from exc
+            raise ServerUnavailable(f"SplitLLM server at {self.url} refused the session: HTTP {exc.status}") from exc
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            await self.close()
+            raise ServerUnavailable(f"cannot reach the SplitLLM server at {self.url}: {exc or type(exc).__name__}") from exc
+        hello = wire.Hello(bundle_id=bundle_id, codec=codec, client_name=self.client_name, session_id="",
+                           token=self.token or "")
+        try:
+            reply = await self._exchange(hello)
+        except SplitLLMError:
+            await self.close()
+            raise
+        if not isinstance(reply, wire.Welcome):
+            await self.close()
+            raise FrameError(f"expected Welcome from {self.url}, got {type(reply).__name__}")
+        self.welcome = reply
+        return reply
+
+    def next_seq(self) -> int:
+        self._seq = (self._seq + 1) % 2**31
+        return self._seq
+
+    async def _exchange(self, msg: wire.Message) -> wire.Message:
+        if self.ws is None or self.ws.closed:
+            raise ServerUnavailable(f"the connection to {self.url} is closed")
+        data = wire.pack(msg)
+        started = time.perf_counter()
+        try:
+            await self.ws.send_bytes(data)
+            frame = await self.ws.receive(timeout=self.timeout_s)
+        except (aiohttp.ClientError, OSError, ConnectionError) as exc:
+            raise ServerUnavailable(f"lost the connection to {self.url}: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise ServerUnavailable(f"the server at {self.url} did not answer within {self.timeout_s} s") from exc
+        wall_ms = (time.perf_counter() - started) * 1e3
+        if frame.type != aiohttp.WSMsgType.BINARY:
+            extra = f" ({frame.extra})" if frame.extra else ""
+            raise ServerUnavailable(f"the server at {self.url} closed the session{extra}")
+        reply = wire.unpack(frame.data)
+        server_ms = getattr(reply, "server_ms", 0.0)
+        self.stats.record(len(data), len(frame.data), wall_ms, server_ms, getattr(reply, "queue_ms", 0.0))
+        if isinstance(reply, wire.Error):
+            wire.raise_for_error(reply)
+        if isinstance(reply, wire.Close):
+            raise ServerUnavailable(f"the server at {self.url} closed the session: {reply.reason}")
+        return reply
+
+    async def request(self, msg: wire.Message) -> wire.Message:
+        async with self._lock:
+            return await self._exchange(msg)
+
+    async def close(self) -> None:
+        if self.ws is not None and not self.ws.closed:
+            try:
+                await self.ws.send_bytes(wire.pack(wire.Close(reason="client done")))
+                await self.ws.close()
+            except (aiohttp.ClientError, OSError, ConnectionError):
+                pass
+        if self.http is not None:
+            await self.http.close()
+        self.ws = None
+        self.http = None

@@ -1,0 +1,393 @@
+"""SplitClient: generate text with the first layers here and the rest on a SplitLLM server.
+
+    async with SplitClient(bundle="bundles/smollm2", server="http://127.0.0.1:8765") as client:
+        async for piece in client.generate("Hello!", max_new_tokens=32):
+            print(piece.text, end="", flush=True)
+
+A *placement* says, for every unit (0 = embeddings, 1..L = decoder layers, L+1 = head), whether
+it runs on the client or the server. Split k is the placement "units [0, k] here, the rest
+there". The client walks the placement's runs of same-side units once per step: local runs go
+through ONNX Runtime in a worker thread (the event loop keeps streaming), remote runs are one
+request each. Sampling happens on the side that runs the head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from splitllm import codec as codecs
+from splitllm import wire
+from splitllm._remote import LinkStats, Remote
+from splitllm.bundle import Bundle
+from splitllm.errors import ConfigError, ContextTooLong, FrameError
+from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.sampling import SamplingParams, sample
+
+__all__ = ["ChatSession", "GenerationStats", "Placement", "SplitClient", "TokenPiece"]
+
+CLIENT = "client"
+SERVER = "server"
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    """One generated token and the text it added (may be "" mid-character)."""
+
+    token_id: int
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+    first_token_s: float = 0.0
+    stop_reason: str = ""
+    split: int | None = None
+    codec: str = ""
+    new_ids: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Side of every unit. ``runs`` groups consecutive units on the same side."""
+
+    sides: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.sides) < 3 or any(s not in (CLIENT, SERVER) for s in self.sides):
+            raise ConfigError(f"a placement is a sequence of 'client'/'server' per unit, got {self.sides!r}")
+
+    @classmethod
+    def for_split(cls, split: int, num_units: int, local: bool = False) -> Placement:
+        num_layers = num_units - 2
+        if not 0 <= split <= num_layers:
+            raise ConfigError(f"split must be in 0..{num_layers}, got {split}")
+        if local:
+            return cls((CLIENT,) * num_units)
+        return cls((CLIENT,) * (split + 1) + (SERVER,) * (num_units - split - 1))
+
+    @property
+    def runs(self) -> list[tuple[str, int, int]]:
+        out: list[tuple[str, int, int]] = []
+        start = 0
+        for unit in range(1, len(self.sides) + 1):
+            if unit == len(self.sides) or self.sides[unit] != self.sides[start]:
+                out.append((self.sides[start], start, unit))
+                start = unit
+        return out
+
+    @property
+    def is_local(self) -> bool:
+        return all(s == CLIENT for s in self.sides)
+
+    @property
+    def split(self) -> int | None:
+        """k when this is the placement of split k (or all-local: the layer count), else None."""
+        runs = self.runs
+        if len(runs) == 1 and runs[0][0] == CLIENT:
+            return len(self.sides) - 2
+        if len(runs) == 2 and runs[0][0] == CLIENT:
+            return runs[0][2] - 1
+        return None
+
+
+class SplitClient:
+    """A device-side client: owns the local segments, the local KV cache and the server session.
+
+    ``server=None`` (or ``local=True``) runs everything on the device. ``split`` defaults to a
+    third of the layers on the device. ``codec`` compresses activations sent to the server.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike[str],
+        server: str | None = None,
+        *,
+        token: str | None = None,
+        split: int | None = None,
+        codec: str = "int8-block64",
+        local: bool = False,
+        threads: int = 0,
+        allow_spinning: bool | None = None,
+        timeout_s: float = 60.0,
+        client_name: str = "splitllm-python",
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
+        self.text = self.bundle.text
+        codecs.get_codec(codec)
+        self.codec = codec
+        self.local = local or server is None
+        num_layers = self.bundle.num_layers
+        self.placement = Placement.for_split(num_layers // 3 if split is None else split,
+                                             self.bundle.num_units, local=self.local)
+        # Spinning threads help a lone session and hurt when a server shares the cores.
+        spinning = self.local if allow_spinning is None else allow_spinning
+        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
+        self.remote = None if self.local else Remote(server, token, timeout_s, client_name)
+        self._segments: dict[tuple[int, int, bool], Segment] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitllm-device")
+        self.cache = KVCache(self.bundle.shapes)
+        self.tokens: list[int] = []  # positions whose KV both sides hold
+        self._dirty = False  # a failed step may have left caches longer than ``tokens``
+        self.last_stats = GenerationStats()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> SplitClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if self.remote is not None and self.remote.ws is None:
+            await self.remote.connect(self.bundle.bundle_id, self.codec)
+        await self._warm_up()
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def link(self) -> LinkStats | None:
+        return None if self.remote is None else self.remote.stats
+
+    @property
+    def max_context(self) -> int:
+        limit = self.bundle.shapes.max_context
+        if self.remote is not None and self.remote.welcome is not None:
+            limit = min(limit, self.remote.welcome.max_context)
+        return limit
+
+    def set_split(self, split: int) -> None:
+        """Move to split k; the conversation's KV is recomputed on the next request."""
+        new = Placement.for_split(split, self.bundle.num_units, local=self.local)
+        if new != self.placement:
+            self.placement = new
+            self.cache = KVCache(self.bundle.shapes)
+            self.tokens = []
+            self._dirty = True
+
+    async def _warm_up(self) -> None:
+        for side, start, end in self.placement.runs:
+            if side == CLIENT:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._segment, start, end, end == self.bundle.num_units)
+
+    def _segment(self, start: int, end: int, last_only: bool) -> Segment:
+        key = (start, end, last_only)
+        if key not in self._segments:
+            self._segments[key] = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options)
+        return self._segments[key]
+
+    # ------------------------------------------------------------------ one forward step
+
+    async def _forward(self, ids: Sequence[int], past: int, params: SamplingParams) -> int:
+        """Run new positions ``ids`` after ``past`` cached ones through the placement; sample one token."""
+        num_units = self.bundle.num_units
+        loop = asyncio.get_running_loop()
+        x: np.ndarray = np.asarray([ids], dtype=np.int64)
+        for side, start, end in self.placement.runs:
+            has_head = end == num_units
+            if side == CLIENT:
+                seg = await loop.run_in_executor(self._executor, self._segment, start, end, has_head)
+                x = await loop.run_in_executor(self._executor, seg.run, x, self.cache, past)
+                if has_head:
+                    return sample(x[0, -1], params, position=past + len(ids))
+                continue
+            payload = x.astype("<i4").tobytes() if start == 0 else codecs.encode(x, self.codec)
+            msg = wire.Run(
+                seq=self.remote.next_seq(), start=start, end=end, past_len=past, n_tokens=len(ids),
+                payload=payload, want="token" if has_head else "hidden", temperature=params.temperature,
+                top_p=params.top_p, top_k=params.top_k, seed=params.seed, codec=self.codec,
+            )
+            reply = await self.remote.request(msg)
+            if not isinstance(reply, wire.Result):
+                raise FrameError(f"expected a Result, got {type(reply).__name__}")
+            if has_head:
+                return reply.token
+            x = codecs.decode(reply.payload)
+        raise ConfigError("a placement must end with the head")  # unreachable for a valid Placement
+
+    async def _rewind(self, length: int) -> None:
+        """Keep the first ``length`` cached positions on both sides (all units, whatever the placement)."""
+        self.cache.truncate(length)
+        if self.remote is not None:
+            await self.remote.request(wire.Truncate(seq=self.remote.next_seq(), start=0,
+                                                    end=self.bundle.num_units, length=length))
+        del self.tokens[length:]
+
+    # ------------------------------------------------------------------ generation
+
+    def _prompt_ids(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.text.encode_chat([{"role": "user", "content": prompt}])
+        return self.text.encode_chat(list(prompt))
+
+    async def generate(
+        self,
+        prompt: str | Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[TokenPiece]:
+        """Stream the reply to one user message (a str) or to a whole conversation (messages)."""
+        async for piece in self.generate_ids(self._prompt_ids(prompt), max_new_tokens=max_new_tokens,
+                                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                             stop=stop, ignore_eos=ignore_eos):
+            yield piece
+
+    async def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[TokenPiece]:
+        """Stream tokens after ``prompt_ids``, reusing the KV of any prefix already processed.
+
+        Stops at an end-of-turn token (unless ``ignore_eos``), at a ``stop`` string (the text
+        before it is yielded, the rest is not) or after ``max_new_tokens``. Raises ContextTooLong
+        before any work when the prompt plus ``max_new_tokens`` does not fit the context.
+        """
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_ids = self.text.check_ids(list(prompt_ids))
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.max_context:
+            raise ContextTooLong(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceeds the context of "
+                f"{self.max_context} tokens"
+            )
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), split=self.placement.split, codec=self.codec)
+        self.last_stats = stats
+        started = time.perf_counter()
+        common = 0
+        for a, b in zip(self.tokens, prompt_ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt_ids) - 1)  # at least one position must run to get logits
+        if common < len(self.tokens) or self._dirty:
+            await self._rewind(common)
+            self._dirty = False
+        feed = list(prompt_ids[common:])
+        stats.prefill_tokens = len(feed)
+        decoder = self.text.incremental(skip_special_tokens=True)
+        stopper = _StopText(stop)
+        for _ in range(max_new_tokens):
+            try:
+                token = await self._forward(feed, len(self.tokens), params)
+            except BaseException:
+                # A step that failed half-way may have extended some caches on either side; the
+                # next request cuts both back to what ``tokens`` says before it runs anything.
+                self.cache.truncate(len(self.tokens))
+                self._dirty = True
+                raise
+            self.tokens.extend(feed)
+            stats.new_tokens += 1
+            stats.new_ids.append(token)
+            if stats.new_tokens == 1:
+                stats.first_token_s = time.perf_counter() - started
+            stats.seconds = time.perf_counter() - started
+            if token in self.text.eos_ids and not ignore_eos:
+                stats.stop_reason = "eos"
+                break
+            text, hit = stopper.push(decoder.push(token))
+            if text or not hit:
+                yield TokenPiece(token, text)
+            if hit:
+                stats.stop_reason = "stop"
+                break
+            feed = [token]
+        else:
+            stats.stop_reason = "length"
+        tail, _ = stopper.push(decoder.flush(), final=True)
+        if tail and stats.stop_reason != "stop":
+            yield TokenPiece(-1, tail)
+        stats.seconds = time.perf_counter() - started
+
+    def chat(self, system: str | None = None) -> ChatSession:
+        return ChatSession(self, system)
+
+
+class _StopText:
+    """Holds back text that might begin a stop string; reports when one appears."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str, final: bool = False) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        for s in self.stops:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out, False
+
+
+class ChatSession:
+    """A multi-turn conversation whose KV cache stays on both sides between turns."""
+
+    def __init__(self, client: SplitClient, system: str | None = None) -> None:
+        self.client = client
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    async def send(self, text: str, **kwargs: object) -> AsyncIterator[TokenPiece]:
+        """Add a user message and stream the assistant's reply (kwargs as in generate)."""
+        self.messages.append({"role": "user", "content": text})
+        reply: list[str] = []
+        async for piece in self.client.generate(self.messages, **kwargs):  # type: ignore[arg-type]
+            reply.append(piece.text)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]

@@ -1,0 +1,96 @@
+"""The aiohttp application: create_app(config) builds it, the CLI or a test runs it."""
+
+from __future__ import annotations
+
+import hmac
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, web
+
+from splitllm.bundle import Bundle
+from splitllm.runtime import RuntimeOptions
+from splitllm_server.config import ServerConfig
+from splitllm_server.engine import Engine
+from splitllm_server.handler import Connection
+from splitllm_server.sessions import SessionStore
+from splitllm_server.state import ServerState
+
+STATE = web.AppKey("splitllm_state", ServerState)
+SOCKETS = web.AppKey("splitllm_sockets", weakref.WeakSet)
+
+
+def _bearer_ok(request: web.Request, token: str | None) -> bool:
+    if token is None:
+        return True
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+@web.middleware
+async def _auth(request: web.Request, handler):  # noqa: ANN001, ANN202
+    state = request.app[STATE]
+    if request.path == "/v1/session":
+        return await handler(request)  # the WebSocket may also authenticate in its Hello frame
+    if not _bearer_ok(request, state.config.token):
+        state.metrics.count_error("unauthorized")
+        raise web.HTTPUnauthorized(text='{"error": "unauthorized"}', content_type="application/json",
+                                   headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"status": "ok", "model": state.bundle.model_id, "sessions": len(state.sessions)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STATE].prometheus(), content_type="text/plain")
+
+
+async def manifest(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"bundle_id": state.bundle.bundle_id, "manifest": state.bundle.manifest})
+
+
+async def session_ws(request: web.Request) -> web.WebSocketResponse:
+    state = request.app[STATE]
+    header_ok = _bearer_ok(request, state.config.token)
+    if state.config.token is not None and "Authorization" in request.headers and not header_ok:
+        state.metrics.count_error("unauthorized")
+        raise web.HTTPUnauthorized(text='{"error": "unauthorized"}', content_type="application/json")
+    ws = web.WebSocketResponse(max_msg_size=state.config.max_frame_bytes + 1024, heartbeat=30.0)
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    try:
+        await Connection(state, ws, header_token_ok=header_ok and state.config.token is not None).serve()
+    finally:
+        request.app[SOCKETS].discard(ws)
+    return ws
+
+
+def create_app(config: ServerConfig) -> web.Application:
+    """The server application; the bundle and ORT sessions open in its startup context."""
+    app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
+    app[SOCKETS] = weakref.WeakSet()
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
+        options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
+        engine = Engine(bundle, cache_size=config.segment_cache, options=options)
+        app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
+        yield
+        engine.close()
+
+    async def close_sockets(app: web.Application) -> None:
+        for ws in list(app[SOCKETS]):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(close_sockets)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/manifest", manifest)
+    app.router.add_get("/v1/session", session_ws)
+    return app

@@ -1,0 +1,88 @@
+"""splitllm-server: serve a bundle's server-side segments over HTTP and WebSocket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from splitllm.errors import ConfigError, SplitLLMError
+from splitllm_server.app import create_app
+from splitllm_server.config import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitllm-server", description="Run the server side of split LLM inference.")
+    p.add_argument("--bundle", required=True, help="bundle directory written by splitllm-export")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or env SPLITLLM_TOKEN)")
+    p.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    p.add_argument("--max-sessions", type=int, default=256)
+    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--max-context", type=int, default=None, help="cap on positions per session")
+    p.add_argument("--idle-ttl", type=float, default=600.0, help="seconds before an idle session is dropped")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--no-spinning", action="store_true", help="stop idle ORT threads from spinning")
+    p.add_argument("--segment-cache", type=int, default=4, help="composed range sessions kept loaded")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    token = args.token or os.environ.get("SPLITLLM_TOKEN") or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc}") from exc
+    return ServerConfig(
+        bundle=Path(args.bundle), host=args.host, port=args.port, token=token,
+        max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes, max_context=args.max_context,
+        idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, intra_op_threads=args.threads,
+        allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify,
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    runner = web.AppRunner(create_app(config), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    sockets = site._server.sockets if site._server else []  # noqa: SLF001 - the only way to learn port 0's pick
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    print(f"listening on http://{config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        asyncio.run(serve(config_from_args(args)))
+    except SplitLLMError as exc:
+        print(f"splitllm-server: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"splitllm-server: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

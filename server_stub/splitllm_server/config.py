@@ -1,0 +1,45 @@
+"""Server settings, with the defaults a single-machine deployment wants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitllm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``create_app`` needs. Sizes in bytes, times in seconds.
+
+    ``token``: when set, every HTTP and WebSocket request needs ``Authorization: Bearer <token>``.
+    ``segment_cache``: how many composed range sessions stay loaded (each holds its layers' weights).
+    ``intra_op_threads``: ORT threads for the server's segments (0 = one per core).
+    """
+
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_sessions: int = 256
+    max_context: int | None = None
+    idle_ttl_s: float = 600.0
+    segment_cache: int = 4
+    intra_op_threads: int = 0
+    allow_spinning: bool = True
+    verify_bundle: bool = True
+    server_name: str = "splitllm-server"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_frame_bytes", "max_sessions", "segment_cache"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_frame_bytes < 4096:
+            raise ConfigError(f"max_frame_bytes must be >= 4096, got {self.max_frame_bytes}")
+        if self.idle_ttl_s <= 0:
+            raise ConfigError(f"idle_ttl_s must be > 0, got {self.idle_ttl_s}")
+        if self.token is not None and not self.token:
+            raise ConfigError("token must not be empty (leave it unset to disable auth)")

@@ -1,0 +1,177 @@
+"""The WebSocket conversation with one client: handshake, then requests until close.
+
+Every frame is validated before use; any SplitLLMError a request raises becomes an Error frame
+for that request and the connection (and its session state) carries on. Only a failed
+handshake is fatal.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from splitllm import codec as codecs
+from splitllm import wire
+from splitllm.errors import (
+    AuthError,
+    BundleMismatch,
+    ContextTooLong,
+    FrameError,
+    InvalidToken,
+    SessionStateError,
+    SplitLLMError,
+)
+from splitllm.runtime import KVCache
+from splitllm.sampling import SamplingParams, sample
+from splitllm_server.state import ServerState
+
+log = logging.getLogger("splitllm.server")
+
+
+class Connection:
+    def __init__(self, state: ServerState, ws: web.WebSocketResponse, header_token_ok: bool) -> None:
+        self.state = state
+        self.ws = ws
+        self.header_token_ok = header_token_ok
+        self.session = None
+
+    async def send(self, msg: wire.Message) -> None:
+        data = wire.pack(msg)
+        self.state.metrics.bytes_out += len(data)
+        await self.ws.send_bytes(data)
+
+    async def serve(self) -> None:
+        try:
+            async for frame in self.ws:
+                if frame.type == WSMsgType.BINARY:
+                    self.state.metrics.bytes_in += len(frame.data)
+                    if not await self.on_frame(frame.data):
+                        break
+                elif frame.type == WSMsgType.TEXT:
+                    await self.report(FrameError("text frames are not part of the protocol; send binary msgpack"))
+                elif frame.type == WSMsgType.ERROR:
+                    break
+        finally:
+            if self.session is not None:
+                self.state.sessions.close(self.session.session_id)
+                self.session = None
+
+    async def report(self, exc: SplitLLMError, seq: int = -1, fatal: bool = False) -> None:
+        self.state.metrics.count_error(exc.code)
+        if not self.ws.closed:
+            await self.send(wire.error_frame(exc, seq=seq, fatal=fatal))
+
+    async def on_frame(self, data: bytes) -> bool:
+        """Handle one frame; False ends the connection."""
+        seq = -1
+        try:
+            msg = wire.unpack(data, max_frame_bytes=self.state.config.max_frame_bytes)
+            seq = getattr(msg, "seq", -1)
+            if self.session is None:
+                if not isinstance(msg, wire.Hello):
+                    raise FrameError(f"the first frame must be Hello, got {type(msg).__name__}")
+                await self.handshake(msg)
+                return True
+            self.session.touch()
+            if isinstance(msg, wire.Run):
+                await self.on_run(msg)
+            elif isinstance(msg, wire.Truncate):
+                self.check_units(msg.start, msg.end)
+                self.session.cache.truncate(msg.length, range(msg.start, msg.end))
+                await self.send(wire.Ack(seq=msg.seq))
+            elif isinstance(msg, wire.Ping):
+                await self.send(wire.Pong(seq=msg.seq, sent_ms=msg.sent_ms, pad_len=len(msg.pad)))
+            elif isinstance(msg, wire.Close):
+                return False
+            else:
+                raise FrameError(f"{type(msg).__name__} is not a client request")
+        except (AuthError, BundleMismatch) as exc:
+            await self.report(exc, seq=seq, fatal=True)
+            return False
+        except SplitLLMError as exc:
+            await self.report(exc, seq=seq, fatal=self.session is None)
+            return self.session is not None
+        return True
+
+    async def handshake(self, hello: wire.Hello) -> None:
+        state = self.state
+        token = state.config.token
+        if token is not None and not self.header_token_ok and not hmac.compare_digest(
+            hello.token.encode(), token.encode()
+        ):
+            raise AuthError("missing or wrong bearer token")
+        if hello.bundle_id != state.bundle.bundle_id:
+            raise BundleMismatch(
+                f"client bundle {hello.bundle_id[:16]} differs from the server's {state.bundle.bundle_id[:16]} "
+                f"({state.bundle.model_id}); export and load the same bundle on both sides"
+            )
+        codecs.get_codec(hello.codec)
+        shapes = state.bundle.shapes
+        self.session = state.sessions.open(lambda: KVCache(shapes), hello.codec, hello.client_name)
+        await self.send(wire.Welcome(
+            session_id=self.session.session_id,
+            server_name=state.config.server_name,
+            num_units=state.bundle.num_units,
+            max_context=state.max_context,
+            codecs=list(codecs.codec_names()),
+            max_frame_bytes=state.config.max_frame_bytes,
+            kv_lens=[self.session.cache.length(u) for u in range(state.bundle.num_units)],
+        ))
+
+    def check_units(self, start: int, end: int) -> None:
+        if end > self.state.bundle.num_units:
+            raise FrameError(f"unit range [{start}, {end}) exceeds the model's {self.state.bundle.num_units} units")
+
+    def decode_input(self, msg: wire.Run) -> np.ndarray:
+        shapes = self.state.bundle.shapes
+        if msg.start == 0:
+            ids = np.frombuffer(msg.payload, dtype="<i4").astype(np.int64)
+            bad = ids[(ids < 0) | (ids >= shapes.vocab_size)]
+            if bad.size:
+                raise InvalidToken(f"token id {int(bad[0])} is outside the vocabulary of {shapes.vocab_size}")
+            return ids.reshape(1, msg.n_tokens)
+        x = codecs.decode(msg.payload, max_elements=msg.n_tokens * shapes.hidden_size)
+        expected = (1, msg.n_tokens, shapes.hidden_size)
+        if x.shape != expected:
+            raise FrameError(f"Run payload has shape {x.shape}; expected {expected} hidden states")
+        return x
+
+    async def on_run(self, msg: wire.Run) -> None:
+        state = self.state
+        session = self.session
+        self.check_units(msg.start, msg.end)
+        num_units = state.bundle.num_units
+        ends_with_head = msg.end == num_units
+        if msg.want in ("token", "logits") and not ends_with_head:
+            raise FrameError(f"want={msg.want!r} needs the head (unit {num_units - 1}) in the range")
+        if msg.want == "hidden" and ends_with_head:
+            raise FrameError("want='hidden' cannot include the head; ask for 'token' or 'logits'")
+        if msg.past_len + msg.n_tokens > state.max_context:
+            raise ContextTooLong(
+                f"{msg.past_len} cached + {msg.n_tokens} new positions exceed the context of {state.max_context}"
+            )
+        for unit in range(max(msg.start, 1), min(msg.end, num_units - 1)):
+            have = session.cache.length(unit)
+            if have != msg.past_len:
+                raise SessionStateError(
+                    f"unit {unit} holds {have} positions on the server, the request says past_len={msg.past_len}"
+                )
+        params = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+        if msg.want != "token":
+            codecs.get_codec(msg.codec)
+        x = self.decode_input(msg)
+        out, timing = await state.engine.run(msg.start, msg.end, ends_with_head, x, session.cache, msg.past_len)
+        state.metrics.tokens_in += msg.n_tokens
+        if msg.want == "token":
+            token = sample(out[0, -1], params, position=msg.past_len + msg.n_tokens)
+            session.tokens += 1
+            state.metrics.tokens_out += 1
+            reply = wire.Result(seq=msg.seq, token=token, payload=b"", server_ms=timing.compute_ms,
+                                queue_ms=timing.queue_ms)
+        else:
+            reply = wire.Result(seq=msg.seq, token=-1, payload=codecs.encode(out, msg.codec),
+                                server_ms=timing.compute_ms, queue_ms=timing.queue_ms)
+        await self.send(reply)
