@@ -111,3 +111,32 @@ async def test_concurrent_clients_each_get_their_own_tokens(tiny_export, start_s
     results = await asyncio.gather(*(one(i) for i in range(4)))
     assert results == refs
     assert server.state.metrics.tokens_out == 4 * 12
+
+
+async def test_placement_changes_mid_generation_keep_tokens_exact(tiny_export, start_server):
+    """Switch every few tokens, including plans that cross the link several times."""
+    from splitllm.client import Placement
+
+    path, source = tiny_export("llama", layers=4)
+    ids = _ids(source)
+    ref = reference_run(source.model, ids, NEW_TOKENS - 1).tokens
+    server = await start_server(path)
+    c, s = "client", "server"
+    schedule = [
+        Placement.for_split(1, 6),
+        Placement((c, c, s, s, c, c)),  # client: embed, L0, L3, head; server: L1, L2
+        Placement.for_split(0, 6),
+        Placement((c, s, c, s, s, c)),  # three switches, head on the client
+        Placement((c, s, s, s, s, s)),
+        Placement.for_split(4, 6),
+        Placement((c, s, c, s, c, s)),
+    ]
+    async with SplitClient(path, server.url, split=2, codec="fp32") as client:
+        got = []
+        async for piece in client.generate_ids(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True):
+            got.append(piece.token_id)
+            if len(got) % 4 == 0:
+                client.set_placement(schedule[(len(got) // 4) % len(schedule)])
+        assert client.last_stats.new_ids == ref
+        assert client.placements_used >= 7
+    assert server.state.metrics.errors == {}

@@ -143,10 +143,13 @@ class SplitClient:
         self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
         self.remote = None if self.local else Remote(server, token, timeout_s, client_name)
         self._segments: dict[tuple[int, int, bool], Segment] = {}
+        self.max_segments = 4  # composed local sessions kept loaded (each holds its layers' weights)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitllm-device")
         self.cache = KVCache(self.bundle.shapes)
         self.tokens: list[int] = []  # positions whose KV both sides hold
         self._dirty = False  # a failed step may have left caches longer than ``tokens``
+        self._pending: Placement | None = None  # placement to switch to before the next step
+        self.placements_used = 0
         self.last_stats = GenerationStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,13 +183,55 @@ class SplitClient:
         return limit
 
     def set_split(self, split: int) -> None:
-        """Move to split k; the conversation's KV is recomputed on the next request."""
-        new = Placement.for_split(split, self.bundle.num_units, local=self.local)
-        if new != self.placement:
-            self.placement = new
+        """Move to split k from the next step on (see :meth:`set_placement`)."""
+        self.set_placement(Placement.for_split(split, self.bundle.num_units, local=self.local))
+
+    def set_placement(self, placement: Placement | Sequence[str]) -> None:
+        """Run units where ``placement`` says from the next step on, even mid-generation.
+
+        The KV of every layer that changes sides moves with it (KVPut / KVGet, fp32, exact), so
+        the tokens are the same as if the placement had never changed.
+        """
+        new = placement if isinstance(placement, Placement) else Placement(tuple(placement))
+        if len(new.sides) != self.bundle.num_units:
+            raise ConfigError(f"a placement needs {self.bundle.num_units} sides (one per unit), got {len(new.sides)}")
+        if self.remote is None and not new.is_local:
+            raise ConfigError("this client has no server: every unit must run on the client")
+        self._pending = None if new == self.placement else new
+
+    async def _apply_pending(self) -> None:
+        new, self._pending = self._pending, None
+        if new is None or new == self.placement:
+            return
+        try:
+            await self._move_kv(new)
+        except BaseException:
+            # Half-moved KV cannot be trusted: forget the conversation's cache on both sides;
+            # the next request re-runs its prompt under the new placement.
             self.cache = KVCache(self.bundle.shapes)
             self.tokens = []
             self._dirty = True
+            raise
+        finally:
+            self.placement = new
+        self.placements_used += 1
+
+    async def _move_kv(self, new: Placement) -> None:
+        length = len(self.tokens)
+        for unit in range(1, self.bundle.num_layers + 1):
+            old_side, new_side = self.placement.sides[unit], new.sides[unit]
+            if old_side == new_side or length == 0:
+                continue
+            if new_side == SERVER:
+                key, value = self.cache.get(unit)
+                await self.remote.request(wire.KVPut(seq=self.remote.next_seq(), unit=unit, length=length,
+                                                     key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32")))
+                self.cache.drop(range(unit, unit + 1))
+            else:
+                reply = await self.remote.request(wire.KVGet(seq=self.remote.next_seq(), unit=unit))
+                if not isinstance(reply, wire.KVData) or reply.length != length:
+                    raise FrameError(f"expected the KV of unit {unit} with {length} positions, got {reply!r:.80}")
+                self.cache.set(unit, codecs.decode(reply.key), codecs.decode(reply.value))
 
     async def _warm_up(self) -> None:
         for side, start, end in self.placement.runs:
@@ -196,9 +241,13 @@ class SplitClient:
 
     def _segment(self, start: int, end: int, last_only: bool) -> Segment:
         key = (start, end, last_only)
-        if key not in self._segments:
-            self._segments[key] = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options)
-        return self._segments[key]
+        seg = self._segments.pop(key, None)
+        if seg is None:
+            seg = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options)
+        self._segments[key] = seg  # most recently used last
+        while len(self._segments) > self.max_segments:
+            self._segments.pop(next(iter(self._segments)))
+        return seg
 
     # ------------------------------------------------------------------ one forward step
 
@@ -303,12 +352,15 @@ class SplitClient:
         if common < len(self.tokens) or self._dirty:
             await self._rewind(common)
             self._dirty = False
+        await self._apply_pending()
         feed = list(prompt_ids[common:])
         stats.prefill_tokens = len(feed)
         decoder = self.text.incremental(skip_special_tokens=True)
         stopper = _StopText(stop)
         for _ in range(max_new_tokens):
             try:
+                if self._pending is not None:
+                    await self._apply_pending()
                 token = await self._forward(feed, len(self.tokens), params)
             except BaseException:
                 # A step that failed half-way may have extended some caches on either side; the

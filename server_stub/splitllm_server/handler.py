@@ -82,6 +82,11 @@ class Connection:
                 self.check_units(msg.start, msg.end)
                 self.session.cache.truncate(msg.length, range(msg.start, msg.end))
                 await self.send(wire.Ack(seq=msg.seq))
+            elif isinstance(msg, wire.KVPut):
+                self.on_kv_put(msg)
+                await self.send(wire.Ack(seq=msg.seq))
+            elif isinstance(msg, wire.KVGet):
+                await self.send(self.on_kv_get(msg))
             elif isinstance(msg, wire.Ping):
                 await self.send(wire.Pong(seq=msg.seq, sent_ms=msg.sent_ms, pad_len=len(msg.pad)))
             elif isinstance(msg, wire.Close):
@@ -124,6 +129,34 @@ class Connection:
     def check_units(self, start: int, end: int) -> None:
         if end > self.state.bundle.num_units:
             raise FrameError(f"unit range [{start}, {end}) exceeds the model's {self.state.bundle.num_units} units")
+
+    def check_layer_unit(self, unit: int) -> None:
+        if not 1 <= unit <= self.state.bundle.num_layers:
+            raise FrameError(f"unit {unit} is not a decoder layer (1..{self.state.bundle.num_layers}); only layers hold KV")
+
+    def on_kv_put(self, msg: wire.KVPut) -> None:
+        """Take over a layer's KV from the client (the layer moves to the server)."""
+        self.check_layer_unit(msg.unit)
+        shapes = self.state.bundle.shapes
+        expected = (1, shapes.num_kv_heads, msg.length, shapes.head_dim)
+        if msg.length > self.state.max_context:
+            raise ContextTooLong(f"KV of {msg.length} positions exceeds the context of {self.state.max_context}")
+        limit = int(np.prod(expected))
+        key = codecs.decode(msg.key, max_elements=limit)
+        value = codecs.decode(msg.value, max_elements=limit)
+        for name, array in (("key", key), ("value", value)):
+            if array.shape != expected:
+                raise FrameError(f"KVPut.{name} has shape {array.shape}; expected {expected}")
+        self.session.cache.set(msg.unit, key, value)
+
+    def on_kv_get(self, msg: wire.KVGet) -> wire.KVData:
+        """Hand a layer's KV to the client and forget it here (the layer moves to the client)."""
+        self.check_layer_unit(msg.unit)
+        key, value = self.session.cache.get(msg.unit)
+        reply = wire.KVData(seq=msg.seq, unit=msg.unit, length=int(key.shape[2]),
+                            key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32"))
+        self.session.cache.drop(range(msg.unit, msg.unit + 1))
+        return reply
 
     def decode_input(self, msg: wire.Run) -> np.ndarray:
         shapes = self.state.bundle.shapes
