@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
 from splitllm import wire
-from splitllm.errors import AuthError, FrameError, ServerUnavailable, SplitLLMError
+from splitllm.errors import AuthError, FrameError, ServerUnavailable, SplitLLMError, error_from_code
 
 
 @dataclass
 class LinkStats:
-    """What the client measured of its link, from its own frames."""
+    """What the client measured of its link, from its own frames (EWMA estimates).
+
+    Each request's network time is its wall time minus the server's compute and queue time.
+    The smallest network time seen recently is the round trip of an almost empty frame; what a
+    large frame takes beyond that is its transfer time, which gives the uplink bandwidth.
+    """
 
     bytes_up: int = 0
     bytes_down: int = 0
@@ -26,7 +33,12 @@ class LinkStats:
     server_ms: float = 0.0
     round_trip_ms: float = 0.0  # wall time of requests, server compute included
     rtt_ms_ewma: float | None = None
-    history: list[float] = field(default_factory=list)
+    uplink_bps_ewma: float | None = None
+    _recent_network_ms: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def rtt_floor_ms(self) -> float:
+        return min(self._recent_network_ms) if self._recent_network_ms else 0.0
 
     def record(self, up: int, down: int, wall_ms: float, server_ms: float, queue_ms: float) -> None:
         self.bytes_up += up
@@ -35,7 +47,14 @@ class LinkStats:
         self.server_ms += server_ms
         self.round_trip_ms += wall_ms
         network_ms = max(wall_ms - server_ms - queue_ms, 0.0)
+        self._recent_network_ms.append(network_ms)
         self.rtt_ms_ewma = network_ms if self.rtt_ms_ewma is None else 0.8 * self.rtt_ms_ewma + 0.2 * network_ms
+        transfer_ms = network_ms - self.rtt_floor_ms
+        if up >= 8192 and transfer_ms > 0.2:
+            self.observe_uplink(up * 8 / (transfer_ms / 1e3))
+
+    def observe_uplink(self, bps: float) -> None:
+        self.uplink_bps_ewma = bps if self.uplink_bps_ewma is None else 0.7 * self.uplink_bps_ewma + 0.3 * bps
 
 
 class Remote:
@@ -118,6 +137,39 @@ class Remote:
     async def request(self, msg: wire.Message) -> wire.Message:
         async with self._lock:
             return await self._exchange(msg)
+
+    async def probe(self, pad_bytes: int = 32768) -> tuple[float, float]:
+        """Measure (rtt_ms, uplink_bps) with an empty Ping and a padded one."""
+        times = []
+        for pad in (0, pad_bytes, 0, pad_bytes):
+            started = time.perf_counter()
+            reply = await self.request(wire.Ping(seq=self.next_seq(), sent_ms=0.0, pad=b"\0" * pad))
+            if not isinstance(reply, wire.Pong):
+                raise FrameError(f"expected Pong, got {type(reply).__name__}")
+            times.append((time.perf_counter() - started) * 1e3)
+        rtt_ms = min(times[0], times[2])
+        transfer_ms = max(min(times[1], times[3]) - rtt_ms, 0.01)
+        uplink = pad_bytes * 8 / (transfer_ms / 1e3)
+        self.stats.observe_uplink(uplink)
+        return rtt_ms, uplink
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a JSON body to the server; 4xx answers raise the error the server named."""
+        if self.http is None:
+            raise ServerUnavailable(f"not connected to {self.url}")
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            async with self.http.post(self.url + path, json=body, headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+            raise ServerUnavailable(f"POST {self.url}{path} failed: {exc or type(exc).__name__}") from exc
+        if resp.status == 401:
+            raise AuthError(f"the server at {self.url} refused the token (HTTP 401)")
+        if resp.status >= 400 or not isinstance(data, dict):
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise error_from_code(str(err.get("code", "remote")), str(err.get("message", f"HTTP {resp.status}")))
+        return data
 
     async def close(self) -> None:
         if self.ws is not None and not self.ws.closed:

@@ -27,7 +27,10 @@ from splitllm import codec as codecs
 from splitllm import wire
 from splitllm._remote import LinkStats, Remote
 from splitllm.bundle import Bundle
+from splitllm.costs import PhaseSLA
 from splitllm.errors import ConfigError, ContextTooLong, FrameError
+from splitllm.planner import Policy
+from splitllm.profile import Profile, load_or_measure
 from splitllm.runtime import KVCache, RuntimeOptions, Segment
 from splitllm.sampling import SamplingParams, sample
 
@@ -59,6 +62,7 @@ class GenerationStats:
     split: int | None = None
     codec: str = ""
     new_ids: list[int] = field(default_factory=list)
+    server_units: int = 0  # units on the server in the placement the generation ended with
 
     @property
     def tokens_per_s(self) -> float:
@@ -150,6 +154,13 @@ class SplitClient:
         self._dirty = False  # a failed step may have left caches longer than ``tokens``
         self._pending: Placement | None = None  # placement to switch to before the next step
         self.placements_used = 0
+        # Adaptive mode (after plan()): the server's policies and when they were fetched.
+        self.profile: Profile | None = None
+        self.sla: PhaseSLA | None = None
+        self.policies: dict[str, Policy] | None = None
+        self._policy_at = 0.0
+        self._policy_valid_s = 30.0
+        self._policy_prompt_tokens = 64
         self.last_stats = GenerationStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -198,6 +209,65 @@ class SplitClient:
         if self.remote is None and not new.is_local:
             raise ConfigError("this client has no server: every unit must run on the client")
         self._pending = None if new == self.placement else new
+
+    # ------------------------------------------------------------------ adaptive placement
+
+    async def plan(self, *, ttft_ms: float, token_ms: float, prompt_tokens: int = 64,
+                   profile: Profile | None = None) -> dict[str, Policy]:
+        """Follow the server's placement policy from now on, for this SLA.
+
+        Measures (once, cached) how long each unit takes here, probes the link, and asks the
+        server (POST /v1/plan) for the DP's placements per uplink range, for prefill and decode.
+        Each request then picks the placement for the measured uplink; the client asks again when
+        its bandwidth leaves the table or the policy is older than the server said it stays valid.
+        """
+        if self.remote is None:
+            raise ConfigError("plan() needs a server; this client runs everything locally")
+        self.sla = PhaseSLA(ttft_ms, token_ms)
+        if profile is not None:
+            self.profile = profile
+        elif self.profile is None:
+            threads = self.options.intra_op_threads
+            self.profile = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: load_or_measure(self.bundle, threads=threads))
+        await self.remote.probe()
+        await self._request_policy(prompt_tokens)
+        return self.policies or {}
+
+    async def _request_policy(self, prompt_tokens: int) -> None:
+        link = self.remote.stats
+        uplink = link.uplink_bps_ewma or 100e6
+        body = {
+            "client_profile": self.profile.to_dict(),
+            "sla": {"ttft_ms": self.sla.ttft_ms, "token_ms": self.sla.token_ms},
+            "codec": self.codec, "prompt_tokens": max(1, prompt_tokens),
+            "uplink_bps": uplink, "downlink_bps": uplink, "rtt_ms": link.rtt_floor_ms,
+        }
+        data = await self.remote.post_json("/v1/plan", body)
+        try:
+            self.policies = {phase: Policy.from_dict(data["policy"][phase]) for phase in ("prefill", "decode")}
+            self._policy_valid_s = float(data.get("valid_s", 30.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(f"the server's plan answer is malformed: {exc!r}") from exc
+        self._policy_at = time.monotonic()
+        self._policy_prompt_tokens = max(1, prompt_tokens)
+
+    async def _adapt(self, phase: str, tokens: int) -> None:
+        """Pick this phase's placement for the measured uplink (re-planning when needed)."""
+        if self.policies is None:
+            return
+        uplink = self.remote.stats.uplink_bps_ewma or 100e6
+        stale = time.monotonic() - self._policy_at > self._policy_valid_s
+        resized = phase == "prefill" and not 0.5 <= tokens / self._policy_prompt_tokens <= 2.0
+        plan = self.policies[phase].plan_for(uplink)
+        if stale or resized or plan is None:
+            await self._request_policy(tokens if phase == "prefill" else self._policy_prompt_tokens)
+            plan = self.policies[phase].plan_for(uplink)
+        ranges = self.policies[phase].ranges
+        if plan is None and ranges:  # still outside the new table: use its nearest end
+            plan = ranges[-1].plan if uplink >= ranges[-1].hi_bps else ranges[0].plan
+        if plan is not None:
+            self.set_placement(plan.placement)
 
     async def _apply_pending(self) -> None:
         new, self._pending = self._pending, None
@@ -355,6 +425,7 @@ class SplitClient:
         await self._apply_pending()
         feed = list(prompt_ids[common:])
         stats.prefill_tokens = len(feed)
+        await self._adapt("prefill", len(feed))
         decoder = self.text.incremental(skip_special_tokens=True)
         stopper = _StopText(stop)
         for _ in range(max_new_tokens):
@@ -373,6 +444,8 @@ class SplitClient:
             stats.new_ids.append(token)
             if stats.new_tokens == 1:
                 stats.first_token_s = time.perf_counter() - started
+            if stats.new_tokens == 1 or stats.new_tokens % 16 == 0:
+                await self._adapt("decode", 1)
             stats.seconds = time.perf_counter() - started
             if token in self.text.eos_ids and not ignore_eos:
                 stats.stop_reason = "eos"
@@ -386,6 +459,8 @@ class SplitClient:
             feed = [token]
         else:
             stats.stop_reason = "length"
+        stats.split = self.placement.split
+        stats.server_units = sum(1 for side in self.placement.sides if side == SERVER)
         tail, _ = stopper.push(decoder.flush(), final=True)
         if tail and stats.stop_reason != "stop":
             yield TokenPiece(-1, tail)

@@ -13,6 +13,7 @@ from splitllm.runtime import RuntimeOptions
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.handler import Connection
+from splitllm_server.planning import plan_route
 from splitllm_server.sessions import SessionStore
 from splitllm_server.state import ServerState
 
@@ -93,4 +94,5 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/manifest", manifest)
     app.router.add_get("/v1/session", session_ws)
+    app.router.add_post("/v1/plan", plan_route)
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +37,7 @@ class Engine:
         self.compute_seconds = 0.0
         self.runs = 0
         self.unit_seconds = np.zeros(bundle.num_units, dtype=np.float64)
+        self._recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (finished at, seconds)
 
     def segment(self, start: int, end: int, last_logits_only: bool) -> Segment:
         key = (start, end, last_logits_only)
@@ -60,6 +61,7 @@ class Engine:
         seconds = done - began
         self.compute_seconds += seconds
         self.runs += 1
+        self._recent.append((done, seconds))
         # Attribute compute to units by their share of the range (for /metrics and the planner).
         self.unit_seconds[start:end] += seconds / (end - start)
         return out, RunTiming(queue_ms=(began - enqueued) * 1e3, compute_ms=seconds * 1e3)
@@ -70,6 +72,21 @@ class Engine:
         return await loop.run_in_executor(
             self._executor, self._run, start, end, last_only, x, cache, past_len, time.perf_counter()
         )
+
+    def utilisation(self, window_s: float = 10.0) -> float:
+        """Fraction of the last ``window_s`` seconds the ORT worker spent computing."""
+        cutoff = time.perf_counter() - window_s
+        busy = sum(seconds for finished, seconds in list(self._recent) if finished >= cutoff)
+        return min(busy / window_s, 1.0)
+
+    def load_factor(self) -> float:
+        """How much longer a run takes end to end on this server now: 1 / (1 - utilisation), the
+        M/M/1 stretch of response time, capped at 10 (utilisation counted up to 0.9)."""
+        return 1.0 / (1.0 - min(self.utilisation(), 0.9))
+
+    async def call(self, fn, *args):  # noqa: ANN001, ANN201
+        """Run ``fn`` on the ORT worker thread (after the runs already queued)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def warm_up(self, start: int, end: int, last_only: bool) -> None:
         loop = asyncio.get_running_loop()

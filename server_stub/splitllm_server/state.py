@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 from collections import Counter
 from dataclasses import dataclass, field
 
 from splitllm.bundle import Bundle
+from splitllm.profile import Profile
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.sessions import SessionStore
@@ -18,6 +20,7 @@ class Metrics:
     bytes_out: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    plans: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
     def count_error(self, code: str) -> None:
@@ -31,6 +34,8 @@ class ServerState:
     engine: Engine
     sessions: SessionStore
     metrics: Metrics = field(default_factory=Metrics)
+    profile: Profile | None = None  # this server's per-unit timings, measured on first use
+    profile_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def max_context(self) -> int:
@@ -62,6 +67,11 @@ class ServerState:
             "# HELP splitllm_compute_seconds_total Seconds spent running segments.",
             "# TYPE splitllm_compute_seconds_total counter",
             f"splitllm_compute_seconds_total {e.compute_seconds:.6f}",
+            "# TYPE splitllm_plans_total counter",
+            f"splitllm_plans_total {m.plans}",
+            "# HELP splitllm_load_factor Response-time stretch from the last 10 s of compute.",
+            "# TYPE splitllm_load_factor gauge",
+            f"splitllm_load_factor {e.load_factor():.4f}",
             "# TYPE splitllm_runs_total counter",
             f"splitllm_runs_total {e.runs}",
             "# HELP splitllm_unit_seconds_total Compute seconds attributed to each unit (0 embed, L+1 head).",
