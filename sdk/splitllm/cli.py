@@ -114,6 +114,27 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return asyncio.run(run_chat(_make_client(args), _sampling(args), once=args.once))
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from splitllm.profile import load_or_measure
+
+    bundle = Bundle.open(args.bundle, verify=False)
+    with tqdm(total=bundle.num_units, desc="profile units", unit="unit", disable=args.json) as bar:
+        profile = load_or_measure(bundle, threads=args.threads, refresh=args.refresh, repeats=args.repeats,
+                                  prefill_tokens=args.prefill_tokens, progress=lambda _u: bar.update(1))
+    if args.json:
+        print(json.dumps(profile.to_dict()))
+    else:
+        names = bundle.manifest.get("units") or [str(u) for u in range(bundle.num_units)]
+        print(f"{'unit':<10} {'prefill ms':>11} {'decode ms':>10}   (prefill of {profile.prefill_tokens} tokens, "
+              f"decode after {profile.context})")
+        for name, pre, dec in zip(names, profile.prefill_ms, profile.decode_ms, strict=True):
+            print(f"{name:<10} {pre:>11.3f} {dec:>10.3f}")
+        print(f"{'total':<10} {sum(profile.prefill_ms):>11.3f} {sum(profile.decode_ms):>10.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitllm", description="SplitLLM client: split LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(chat)
     chat.add_argument("--once", default=None, metavar="PROMPT", help="answer one message and exit")
     chat.set_defaults(func=_cmd_chat)
+    prof = sub.add_parser("profile", help="time every unit on this device (cached) for the planner")
+    prof.add_argument("--bundle", required=True)
+    prof.add_argument("--threads", type=int, default=0)
+    prof.add_argument("--repeats", type=int, default=5)
+    prof.add_argument("--prefill-tokens", type=int, default=64)
+    prof.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    prof.add_argument("--json", action="store_true")
+    prof.set_defaults(func=_cmd_profile)
     return parser
 
 
