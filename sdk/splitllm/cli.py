@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from splitllm.bundle import Bundle
 from splitllm.errors import SplitLLMError
+from splitllm.gateway import add_gateway_parser
 
 
 def _size(num_bytes: float) -> str:
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
     prof.add_argument("--json", action="store_true")
     prof.set_defaults(func=_cmd_profile)
+    add_gateway_parser(sub)
     return parser
 
 
