@@ -7,6 +7,7 @@ Error frames become the splitllm.errors class the server named.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,8 +61,10 @@ class LinkStats:
 class Remote:
     """One WebSocket session with a SplitLLM server."""
 
-    def __init__(self, url: str, token: str | None, timeout_s: float, client_name: str) -> None:
+    def __init__(self, url: str, token: str | None, timeout_s: float, client_name: str,
+                 ssl: ssl_module.SSLContext | bool | None = None) -> None:
         self.url = url.rstrip("/")
+        self.ssl = True if ssl is None else ssl  # True: verify with the system CAs
         self.token = token
         self.timeout_s = timeout_s
         self.client_name = client_name
@@ -81,9 +84,11 @@ class Remote:
 
     async def connect(self, bundle_id: str, codec: str) -> wire.Welcome:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout_s))
+        if self.http is None:
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout_s))
         try:
-            self.ws = await self.http.ws_connect(self._ws_url(), headers=headers, max_msg_size=0, heartbeat=30.0)
+            self.ws = await self.http.ws_connect(self._ws_url(), headers=headers, max_msg_size=0, heartbeat=30.0,
+                                                ssl=self.ssl)
         except aiohttp.WSServerHandshakeError as exc:
             await self.close()
             if exc.status == 401:
@@ -113,26 +118,51 @@ class Remote:
         if self.ws is None or self.ws.closed:
             raise ServerUnavailable(f"the connection to {self.url} is closed")
         data = wire.pack(msg)
+        expected_seq = getattr(msg, "seq", None)
         started = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
         try:
             await self.ws.send_bytes(data)
-            frame = await self.ws.receive(timeout=self.timeout_s)
+            while True:
+                frame = await self.ws.receive(timeout=max(deadline - time.monotonic(), 0.001))
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    extra = f" ({frame.extra})" if frame.extra else ""
+                    raise ServerUnavailable(f"the server at {self.url} closed the session{extra}")
+                reply = wire.unpack(frame.data)
+                reply_seq = getattr(reply, "seq", None)
+                # A reply to an earlier request that timed out or was cancelled: skip it.
+                if expected_seq is None or reply_seq in (None, -1, expected_seq):
+                    break
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
+            await self._broken()
             raise ServerUnavailable(f"lost the connection to {self.url}: {exc}") from exc
         except asyncio.TimeoutError as exc:
+            await self._broken()
             raise ServerUnavailable(f"the server at {self.url} did not answer within {self.timeout_s} s") from exc
+        except ServerUnavailable:
+            await self._broken()
+            raise
         wall_ms = (time.perf_counter() - started) * 1e3
-        if frame.type != aiohttp.WSMsgType.BINARY:
-            extra = f" ({frame.extra})" if frame.extra else ""
-            raise ServerUnavailable(f"the server at {self.url} closed the session{extra}")
-        reply = wire.unpack(frame.data)
         server_ms = getattr(reply, "server_ms", 0.0)
         self.stats.record(len(data), len(frame.data), wall_ms, server_ms, getattr(reply, "queue_ms", 0.0))
         if isinstance(reply, wire.Error):
+            if reply.fatal:
+                await self._broken()
             wire.raise_for_error(reply)
         if isinstance(reply, wire.Close):
+            await self._broken()
             raise ServerUnavailable(f"the server at {self.url} closed the session: {reply.reason}")
         return reply
+
+    async def _broken(self) -> None:
+        """Forget a connection that can no longer be trusted (the next request reconnects)."""
+        ws, self.ws = self.ws, None
+        if ws is not None and not ws.closed:
+            await ws.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.ws is not None and not self.ws.closed
 
     async def request(self, msg: wire.Message) -> wire.Message:
         async with self._lock:
@@ -159,7 +189,7 @@ class Remote:
             raise ServerUnavailable(f"not connected to {self.url}")
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            async with self.http.post(self.url + path, json=body, headers=headers,
+            async with self.http.post(self.url + path, json=body, headers=headers, ssl=self.ssl,
                                       timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from splitllm import wire
 from splitllm._remote import LinkStats, Remote
 from splitllm.bundle import Bundle
 from splitllm.costs import PhaseSLA
-from splitllm.errors import ConfigError, ContextTooLong, FrameError
+from splitllm.errors import ConfigError, ContextTooLong, FrameError, ServerUnavailable
 from splitllm.planner import Policy
 from splitllm.profile import Profile, load_or_measure
 from splitllm.runtime import KVCache, RuntimeOptions, Segment
@@ -133,6 +134,9 @@ class SplitClient:
         allow_spinning: bool | None = None,
         timeout_s: float = 60.0,
         client_name: str = "splitllm-python",
+        failover_timeout_s: float = 30.0,
+        fallback_local: bool = True,
+        ssl: ssl_module.SSLContext | bool | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
         self.text = self.bundle.text
@@ -145,7 +149,12 @@ class SplitClient:
         # Spinning threads help a lone session and hurt when a server shares the cores.
         spinning = self.local if allow_spinning is None else allow_spinning
         self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
-        self.remote = None if self.local else Remote(server, token, timeout_s, client_name)
+        self.remote = None if self.local else Remote(server, token, timeout_s, client_name, ssl=ssl)
+        # Failover: how long to keep reconnecting after the server is lost, and whether to go
+        # on with every layer here when it does not come back.
+        self.failover_timeout_s = failover_timeout_s
+        self.fallback_local = fallback_local
+        self.failovers = 0
         self._segments: dict[tuple[int, int, bool], Segment] = {}
         self.max_segments = 4  # composed local sessions kept loaded (each holds its layers' weights)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitllm-device")
@@ -173,7 +182,7 @@ class SplitClient:
         await self.close()
 
     async def connect(self) -> None:
-        if self.remote is not None and self.remote.ws is None:
+        if self.remote is not None and not self.remote.connected:
             await self.remote.connect(self.bundle.bundle_id, self.codec)
         await self._warm_up()
 
@@ -356,6 +365,75 @@ class SplitClient:
                                                     end=self.bundle.num_units, length=length))
         del self.tokens[length:]
 
+    # ------------------------------------------------------------------ failover
+
+    async def _step(self, feed: list[int], params: SamplingParams) -> int:
+        """One forward step; when the server is lost, reconnect (or go local), replay, retry."""
+        attempts = 0
+        while True:
+            try:
+                if self._pending is not None:
+                    await self._apply_pending()
+                return await self._forward(feed, len(self.tokens), params)
+            except ServerUnavailable:
+                self.cache.truncate(len(self.tokens))
+                attempts += 1
+                if self.remote is None or self.failover_timeout_s <= 0 or attempts > 3:
+                    self._dirty = True
+                    raise
+            except BaseException:
+                # A step that failed half-way may have extended some caches on either side; the
+                # next request cuts both back to what ``tokens`` says before it runs anything.
+                self.cache.truncate(len(self.tokens))
+                self._dirty = True
+                raise
+            await self._failover(params)
+
+    async def _failover(self, params: SamplingParams) -> None:
+        """Reconnect with backoff and rebuild the server's KV by replaying the conversation.
+
+        The replay recomputes every cached position under the current placement (the device's
+        KV too, so both sides agree), which gives the same caches as the lost ones. When no
+        server answers within ``failover_timeout_s``: with ``fallback_local`` every layer moves
+        here and generation goes on; otherwise ServerUnavailable.
+        """
+        deadline = time.monotonic() + self.failover_timeout_s
+        delay_s = 0.1
+        while True:
+            try:
+                await self.remote.connect(self.bundle.bundle_id, self.codec)
+                await self._replay(params)
+                break
+            except ServerUnavailable as exc:
+                if time.monotonic() + delay_s > deadline:
+                    if not self.fallback_local:
+                        self._dirty = True
+                        raise ServerUnavailable(
+                            f"the server at {self.remote.url} did not come back within {self.failover_timeout_s} s"
+                        ) from exc
+                    await self._go_local(params)
+                    break
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+        self.failovers += 1
+
+    async def _replay(self, params: SamplingParams) -> None:
+        self.cache = KVCache(self.bundle.shapes)
+        self._pending = None
+        if self.tokens:
+            await self._forward(self.tokens, 0, params)
+        self._dirty = False
+
+    async def _go_local(self, params: SamplingParams) -> None:
+        """Carry on without a server: every unit here, the conversation's KV recomputed."""
+        if self.remote is not None:
+            await self.remote.close()
+        self.remote = None
+        self.local = True
+        self.policies = None
+        self.placement = Placement.for_split(self.bundle.num_layers, self.bundle.num_units, local=True)
+        await self._replay(params)
+
     # ------------------------------------------------------------------ generation
 
     def _prompt_ids(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
@@ -419,8 +497,14 @@ class SplitClient:
                 break
             common += 1
         common = min(common, len(prompt_ids) - 1)  # at least one position must run to get logits
+        if self.remote is not None and not self.remote.connected:
+            await self._failover(params)
         if common < len(self.tokens) or self._dirty:
-            await self._rewind(common)
+            try:
+                await self._rewind(common)
+            except ServerUnavailable:
+                await self._failover(params)
+                await self._rewind(common)
             self._dirty = False
         await self._apply_pending()
         feed = list(prompt_ids[common:])
@@ -429,16 +513,7 @@ class SplitClient:
         decoder = self.text.incremental(skip_special_tokens=True)
         stopper = _StopText(stop)
         for _ in range(max_new_tokens):
-            try:
-                if self._pending is not None:
-                    await self._apply_pending()
-                token = await self._forward(feed, len(self.tokens), params)
-            except BaseException:
-                # A step that failed half-way may have extended some caches on either side; the
-                # next request cuts both back to what ``tokens`` says before it runs anything.
-                self.cache.truncate(len(self.tokens))
-                self._dirty = True
-                raise
+            token = await self._step(feed, params)
             self.tokens.extend(feed)
             stats.new_tokens += 1
             stats.new_ids.append(token)

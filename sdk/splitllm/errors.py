@@ -25,7 +25,11 @@ re-raised as one of these with the original chained as ``__cause__``.
     ├── ServerError                 talking to a server failed
     │   ├── ServerUnavailable       cannot reach the server (names the URL)
     │   ├── AuthError               missing or wrong token
-    │   ├── LimitExceeded           a server limit was hit (frame size, sessions, rate, ...)
+    │   ├── LimitExceeded           a server limit was hit
+    │   │   ├── FrameTooLarge       a frame over the server's max_frame_bytes
+    │   │   ├── TooManySessions     the server holds its maximum of sessions
+    │   │   ├── RateLimited         more steps per second than a connection may send
+    │   │   └── TooManyTokens       more decode steps in a row than max_new_tokens
     │   └── RemoteError             the server answered with an error frame
     ├── GenerationError             a request cannot be generated
     │   ├── ContextTooLong          prompt + new tokens exceed the model's context
@@ -51,6 +55,7 @@ __all__ = [
     "ContextTooLong",
     "ExportError",
     "FrameError",
+    "FrameTooLarge",
     "GenerationError",
     "InvalidProblem",
     "InvalidToken",
@@ -58,12 +63,15 @@ __all__ = [
     "ModelSourceError",
     "PlannerError",
     "ProtocolError",
+    "RateLimited",
     "RemoteError",
     "RuntimeFailure",
     "ServerError",
     "ServerUnavailable",
     "SessionStateError",
     "SplitLLMError",
+    "TooManySessions",
+    "TooManyTokens",
     "UnknownCodec",
     "UnsupportedArchitecture",
     "ValidationFailed",
@@ -160,6 +168,22 @@ class AuthError(ServerError):
 
 class LimitExceeded(ServerError):
     code = "limit_exceeded"
+
+
+class FrameTooLarge(LimitExceeded):
+    code = "frame_too_large"
+
+
+class TooManySessions(LimitExceeded):
+    code = "too_many_sessions"
+
+
+class RateLimited(LimitExceeded):
+    code = "rate_limited"
+
+
+class TooManyTokens(LimitExceeded):
+    code = "too_many_tokens"
 
 
 class RemoteError(ServerError):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-import weakref
 from collections.abc import AsyncIterator
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from splitllm.bundle import Bundle
 from splitllm.runtime import RuntimeOptions
@@ -18,7 +19,7 @@ from splitllm_server.sessions import SessionStore
 from splitllm_server.state import ServerState
 
 STATE = web.AppKey("splitllm_state", ServerState)
-SOCKETS = web.AppKey("splitllm_sockets", weakref.WeakSet)
+CONNECTIONS = web.AppKey("splitllm_connections", set)
 
 
 def _bearer_ok(request: web.Request, token: str | None) -> bool:
@@ -61,32 +62,55 @@ async def session_ws(request: web.Request) -> web.WebSocketResponse:
     if state.config.token is not None and "Authorization" in request.headers and not header_ok:
         state.metrics.count_error("unauthorized")
         raise web.HTTPUnauthorized(text='{"error": "unauthorized"}', content_type="application/json")
-    ws = web.WebSocketResponse(max_msg_size=state.config.max_frame_bytes + 1024, heartbeat=30.0)
+    # Frames up to twice the limit arrive and get a frame_too_large error; larger ones make
+    # aiohttp close the connection (1009) without buffering them.
+    ws = web.WebSocketResponse(max_msg_size=2 * state.config.max_frame_bytes, heartbeat=30.0)
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
+    conn = Connection(state, ws, header_token_ok=header_ok and state.config.token is not None)
+    request.app[CONNECTIONS].add(conn)
     try:
-        await Connection(state, ws, header_token_ok=header_ok and state.config.token is not None).serve()
+        await conn.serve()
     finally:
-        request.app[SOCKETS].discard(ws)
+        request.app[CONNECTIONS].discard(conn)
     return ws
+
+
+async def _reap_idle(app: web.Application) -> None:
+    """Close connections whose session has been idle longer than the TTL (their KV is freed)."""
+    state = app[STATE]
+    period = min(max(state.config.idle_ttl_s / 4, 0.05), 5.0)
+    while True:
+        await asyncio.sleep(period)
+        idle = {s.session_id for s in state.sessions.idle()}
+        if not idle:
+            continue
+        for conn in list(app[CONNECTIONS]):
+            if conn.session is not None and conn.session.session_id in idle:
+                await conn.close(f"session idle for more than {state.config.idle_ttl_s:g} s")
+                state.sessions.evicted_total += 1
+        state.sessions.evict_idle()  # any left without a connection
 
 
 def create_app(config: ServerConfig) -> web.Application:
     """The server application; the bundle and ORT sessions open in its startup context."""
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
-    app[SOCKETS] = weakref.WeakSet()
+    app[CONNECTIONS] = set()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
         options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
         engine = Engine(bundle, cache_size=config.segment_cache, options=options)
         app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
+        reaper = asyncio.create_task(_reap_idle(app))
         yield
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
         engine.close()
 
     async def close_sockets(app: web.Application) -> None:
-        for ws in list(app[SOCKETS]):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        for conn in list(app[CONNECTIONS]):
+            await conn.close("server shutting down")
 
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(close_sockets)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spinning", action="store_true", help="stop idle ORT threads from spinning")
     p.add_argument("--segment-cache", type=int, default=4, help="composed range sessions kept loaded")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="decode steps in a row per session")
+    p.add_argument("--max-steps-per-s", type=float, default=1000.0, help="requests per second per connection")
+    p.add_argument("--certfile", default=None, help="TLS certificate (PEM): serve https/wss")
+    p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -49,17 +54,32 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes, max_context=args.max_context,
         idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, intra_op_threads=args.threads,
         allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify,
+        max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
+        certfile=Path(args.certfile) if args.certfile else None,
+        keyfile=Path(args.keyfile) if args.keyfile else None,
     )
 
 
+def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if config.certfile is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(config.certfile), str(config.keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {config.certfile} / key {config.keyfile}: {exc}") from exc
+    return ctx
+
+
 async def serve(config: ServerConfig) -> None:
+    tls = ssl_context(config)
     runner = web.AppRunner(create_app(config), handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
     await site.start()
     sockets = site._server.sockets if site._server else []  # noqa: SLF001 - the only way to learn port 0's pick
     port = sockets[0].getsockname()[1] if sockets else config.port
-    print(f"listening on http://{config.host}:{port}", flush=True)
+    print(f"listening on {'https' if tls else 'http'}://{config.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

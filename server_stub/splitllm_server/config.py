@@ -15,6 +15,11 @@ class ServerConfig:
     ``token``: when set, every HTTP and WebSocket request needs ``Authorization: Bearer <token>``.
     ``segment_cache``: how many composed range sessions stay loaded (each holds its layers' weights).
     ``intra_op_threads``: ORT threads for the server's segments (0 = one per core).
+    Limits, each with its own error code: ``max_frame_bytes`` (frame_too_large; frames over twice
+    the limit close the connection), ``max_sessions`` (too_many_sessions), ``max_context``
+    (context_too_long), ``max_new_tokens`` decode steps in a row (too_many_tokens),
+    ``max_steps_per_s`` requests per connection (rate_limited), ``idle_ttl_s`` (the session is
+    closed with a Close frame and its KV freed). ``certfile``/``keyfile`` serve HTTPS and wss.
     """
 
     bundle: Path
@@ -25,6 +30,10 @@ class ServerConfig:
     max_sessions: int = 256
     max_context: int | None = None
     idle_ttl_s: float = 600.0
+    max_new_tokens: int = 4096
+    max_steps_per_s: float = 1000.0
+    certfile: Path | None = None
+    keyfile: Path | None = None
     segment_cache: int = 4
     intra_op_threads: int = 0
     allow_spinning: bool = True
@@ -34,7 +43,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_frame_bytes", "max_sessions", "segment_cache"):
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("TLS needs both certfile and keyfile")
+        if self.max_steps_per_s <= 0:
+            raise ConfigError(f"max_steps_per_s must be > 0, got {self.max_steps_per_s}")
+        for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_frame_bytes < 4096:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from splitllm import codec as codecs
 from splitllm import wire
@@ -20,9 +21,12 @@ from splitllm.errors import (
     BundleMismatch,
     ContextTooLong,
     FrameError,
+    FrameTooLarge,
     InvalidToken,
+    RateLimited,
     SessionStateError,
     SplitLLMError,
+    TooManyTokens,
 )
 from splitllm.runtime import KVCache
 from splitllm.sampling import SamplingParams, sample
@@ -37,6 +41,31 @@ class Connection:
         self.ws = ws
         self.header_token_ok = header_token_ok
         self.session = None
+        self.decode_steps = 0  # one-token Runs since the last prompt (multi-token Run) or Truncate
+        rate = state.config.max_steps_per_s
+        self._bucket = rate  # token bucket: up to one second's worth of requests in a burst
+        self._bucket_at = time.monotonic()
+
+    def take_step(self) -> None:
+        rate = self.state.config.max_steps_per_s
+        now = time.monotonic()
+        self._bucket = min(rate, self._bucket + (now - self._bucket_at) * rate)
+        self._bucket_at = now
+        if self._bucket < 1:
+            raise RateLimited(f"more than {rate:g} requests per second on this connection")
+        self._bucket -= 1
+
+    async def close(self, reason: str) -> None:
+        """Say why, then close (server shutdown, idle eviction)."""
+        if not self.ws.closed:
+            try:
+                await self.send(wire.Close(reason=reason))
+                await self.ws.close(code=WSCloseCode.GOING_AWAY, message=reason.encode()[:120])
+            except (ConnectionError, RuntimeError):
+                pass
+        if self.session is not None:
+            self.state.sessions.close(self.session.session_id)
+            self.session = None
 
     async def send(self, msg: wire.Message) -> None:
         data = wire.pack(msg)
@@ -68,7 +97,10 @@ class Connection:
         """Handle one frame; False ends the connection."""
         seq = -1
         try:
-            msg = wire.unpack(data, max_frame_bytes=self.state.config.max_frame_bytes)
+            limit = self.state.config.max_frame_bytes
+            if len(data) > limit:
+                raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the server's limit of {limit}")
+            msg = wire.unpack(data, max_frame_bytes=limit)
             seq = getattr(msg, "seq", -1)
             if self.session is None:
                 if not isinstance(msg, wire.Hello):
@@ -76,11 +108,14 @@ class Connection:
                 await self.handshake(msg)
                 return True
             self.session.touch()
+            if not isinstance(msg, wire.Close):
+                self.take_step()
             if isinstance(msg, wire.Run):
                 await self.on_run(msg)
             elif isinstance(msg, wire.Truncate):
                 self.check_units(msg.start, msg.end)
                 self.session.cache.truncate(msg.length, range(msg.start, msg.end))
+                self.decode_steps = 0
                 await self.send(wire.Ack(seq=msg.seq))
             elif isinstance(msg, wire.KVPut):
                 self.on_kv_put(msg)
@@ -192,6 +227,12 @@ class Connection:
                 raise SessionStateError(
                     f"unit {unit} holds {have} positions on the server, the request says past_len={msg.past_len}"
                 )
+        if msg.n_tokens > 1:
+            self.decode_steps = 0
+        elif ends_with_head:
+            self.decode_steps += 1
+            if self.decode_steps > state.config.max_new_tokens:
+                raise TooManyTokens(f"more than {state.config.max_new_tokens} decode steps in a row")
         params = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
         if msg.want != "token":
             codecs.get_codec(msg.codec)

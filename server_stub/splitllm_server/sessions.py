@@ -6,7 +6,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from splitllm.errors import LimitExceeded
+from splitllm.errors import TooManySessions
 from splitllm.runtime import KVCache
 
 
@@ -40,7 +40,7 @@ class SessionStore:
     def open(self, make_cache, codec: str, client_name: str) -> ServerSession:  # noqa: ANN001
         self.evict_idle()
         if len(self._sessions) >= self.max_sessions:
-            raise LimitExceeded(f"the server holds its maximum of {self.max_sessions} sessions; try again later")
+            raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions; try again later")
         session = ServerSession(secrets.token_hex(16), make_cache(), codec, client_name)
         self._sessions[session.session_id] = session
         self.opened_total += 1
@@ -49,11 +49,14 @@ class SessionStore:
     def close(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
 
-    def evict_idle(self) -> int:
+    def idle(self) -> list[ServerSession]:
         now = time.monotonic()
-        stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_ttl_s]
-        for sid in stale:
-            del self._sessions[sid]
+        return [s for s in self._sessions.values() if now - s.last_used > self.idle_ttl_s]
+
+    def evict_idle(self) -> int:
+        stale = self.idle()
+        for session in stale:
+            self._sessions.pop(session.session_id, None)
         self.evicted_total += len(stale)
         return len(stale)
 
