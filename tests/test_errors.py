@@ -26,3 +26,24 @@ def test_error_from_code_round_trips_known_and_unknown_codes():
 
 def test_root_is_exported():
     assert splitllm.SplitLLMError is errors.SplitLLMError
+
+
+def test_public_surface_is_pinned():
+    assert sorted(splitllm.__all__) == sorted([
+        "Bundle", "ChatSession", "GenerationStats", "Placement", "Plan", "Policy", "Problem", "Profile",
+        "RuntimeOptions", "SamplingParams", "SplitClient", "SplitLLMError", "TokenPiece", "__version__",
+        "codec_names", "decode", "encode", "errors", "get_codec", "make_policy", "solve",
+    ])
+    for name in splitllm.__all__:
+        assert hasattr(splitllm, name), name
+
+
+def test_sdk_import_does_not_pull_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys, splitllm, splitllm.gateway, splitllm.cli\n"
+            "print([m for m in ('torch', 'transformers', 'onnx', 'optimum', 'scipy') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
