@@ -17,11 +17,13 @@ def _ids(source, text="Explain the tides."):
                                                 add_generation_prompt=True)
 
 
-def _slow_device(bundle: Bundle, factor: float = 20.0) -> Profile:
-    """A device `factor` times slower than this machine: what a phone is to a server."""
-    here = measure(bundle, repeats=2)
-    return Profile(here.bundle_id, 0, here.prefill_tokens, here.context,
-                   tuple(ms * factor for ms in here.prefill_ms), tuple(ms * factor for ms in here.decode_ms))
+def _slow_device(bundle: Bundle) -> Profile:
+    """A fixed, slow device (5 ms a layer per decode step): far slower than this machine's server,
+    and deterministic, so the planner's choice does not depend on a noisy measurement."""
+    layers = bundle.num_layers
+    decode = (0.1,) + (5.0,) * layers + (3.0,)
+    prefill = tuple(ms * 8 for ms in decode)  # for 64 positions
+    return Profile(bundle.bundle_id, 0, 64, 128, prefill, decode)
 
 
 def test_profile_covers_every_unit_and_is_cached(tiny_export, tmp_path):

@@ -19,14 +19,16 @@ import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from splitllm import codec as codecs
 from splitllm import wire
+from splitllm._adaptive import PolicyFollower
+from splitllm._placement import CLIENT, SERVER, Placement
 from splitllm._remote import LinkStats, Remote
+from splitllm._stream import GenerationStats, StopText, TokenPiece
 from splitllm.bundle import Bundle
 from splitllm.costs import PhaseSLA
 from splitllm.errors import ConfigError, ContextTooLong, FrameError, ServerUnavailable
@@ -37,88 +39,14 @@ from splitllm.sampling import SamplingParams, sample
 
 __all__ = ["ChatSession", "GenerationStats", "Placement", "SplitClient", "TokenPiece"]
 
-CLIENT = "client"
-SERVER = "server"
-
-
-@dataclass(frozen=True)
-class TokenPiece:
-    """One generated token and the text it added (may be "" mid-character)."""
-
-    token_id: int
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_tokens: int = 0
-    seconds: float = 0.0
-    first_token_s: float = 0.0
-    stop_reason: str = ""
-    split: int | None = None
-    codec: str = ""
-    new_ids: list[int] = field(default_factory=list)
-    server_units: int = 0  # units on the server in the placement the generation ended with
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Side of every unit. ``runs`` groups consecutive units on the same side."""
-
-    sides: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.sides) < 3 or any(s not in (CLIENT, SERVER) for s in self.sides):
-            raise ConfigError(f"a placement is a sequence of 'client'/'server' per unit, got {self.sides!r}")
-
-    @classmethod
-    def for_split(cls, split: int, num_units: int, local: bool = False) -> Placement:
-        num_layers = num_units - 2
-        if not 0 <= split <= num_layers:
-            raise ConfigError(f"split must be in 0..{num_layers}, got {split}")
-        if local:
-            return cls((CLIENT,) * num_units)
-        return cls((CLIENT,) * (split + 1) + (SERVER,) * (num_units - split - 1))
-
-    @property
-    def runs(self) -> list[tuple[str, int, int]]:
-        out: list[tuple[str, int, int]] = []
-        start = 0
-        for unit in range(1, len(self.sides) + 1):
-            if unit == len(self.sides) or self.sides[unit] != self.sides[start]:
-                out.append((self.sides[start], start, unit))
-                start = unit
-        return out
-
-    @property
-    def is_local(self) -> bool:
-        return all(s == CLIENT for s in self.sides)
-
-    @property
-    def split(self) -> int | None:
-        """k when this is the placement of split k (or all-local: the layer count), else None."""
-        runs = self.runs
-        if len(runs) == 1 and runs[0][0] == CLIENT:
-            return len(self.sides) - 2
-        if len(runs) == 2 and runs[0][0] == CLIENT:
-            return runs[0][2] - 1
-        return None
-
 
 class SplitClient:
     """A device-side client: owns the local segments, the local KV cache and the server session.
 
     ``server=None`` (or ``local=True``) runs everything on the device. ``split`` defaults to a
     third of the layers on the device. ``codec`` compresses activations sent to the server.
+    ``weights`` picks the device weights of the local segments ("fp32", or a variant the bundle
+    carries such as "int4"; ConfigError names the available ones). The server always runs fp32.
     """
 
     def __init__(
@@ -137,8 +65,10 @@ class SplitClient:
         failover_timeout_s: float = 30.0,
         fallback_local: bool = True,
         ssl: ssl_module.SSLContext | bool | None = None,
+        weights: str = "fp32",
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
+        self.weights = self.bundle.check_variant(weights)
         self.text = self.bundle.text
         codecs.get_codec(codec)
         self.codec = codec
@@ -163,13 +93,8 @@ class SplitClient:
         self._dirty = False  # a failed step may have left caches longer than ``tokens``
         self._pending: Placement | None = None  # placement to switch to before the next step
         self.placements_used = 0
-        # Adaptive mode (after plan()): the server's policies and when they were fetched.
-        self.profile: Profile | None = None
-        self.sla: PhaseSLA | None = None
-        self.policies: dict[str, Policy] | None = None
-        self._policy_at = 0.0
-        self._policy_valid_s = 30.0
-        self._policy_prompt_tokens = 64
+        self.profile: Profile | None = None  # this device's unit timings, measured by plan()
+        self.follower: PolicyFollower | None = None  # adaptive mode, after plan()
         self.last_stats = GenerationStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -232,7 +157,7 @@ class SplitClient:
         """
         if self.remote is None:
             raise ConfigError("plan() needs a server; this client runs everything locally")
-        self.sla = PhaseSLA(ttft_ms, token_ms)
+        sla = PhaseSLA(ttft_ms, token_ms)
         if profile is not None:
             self.profile = profile
         elif self.profile is None:
@@ -240,43 +165,19 @@ class SplitClient:
             self.profile = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: load_or_measure(self.bundle, threads=threads))
         await self.remote.probe()
-        await self._request_policy(prompt_tokens)
+        self.follower = PolicyFollower(sla, self.profile)
+        await self.follower.refresh(self.remote, self.codec, prompt_tokens)
         return self.policies or {}
 
-    async def _request_policy(self, prompt_tokens: int) -> None:
-        link = self.remote.stats
-        uplink = link.uplink_bps_ewma or 100e6
-        body = {
-            "client_profile": self.profile.to_dict(),
-            "sla": {"ttft_ms": self.sla.ttft_ms, "token_ms": self.sla.token_ms},
-            "codec": self.codec, "prompt_tokens": max(1, prompt_tokens),
-            "uplink_bps": uplink, "downlink_bps": uplink, "rtt_ms": link.rtt_floor_ms,
-        }
-        data = await self.remote.post_json("/v1/plan", body)
-        try:
-            self.policies = {phase: Policy.from_dict(data["policy"][phase]) for phase in ("prefill", "decode")}
-            self._policy_valid_s = float(data.get("valid_s", 30.0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FrameError(f"the server's plan answer is malformed: {exc!r}") from exc
-        self._policy_at = time.monotonic()
-        self._policy_prompt_tokens = max(1, prompt_tokens)
+    @property
+    def policies(self) -> dict[str, Policy] | None:
+        return None if self.follower is None else self.follower.policies
 
     async def _adapt(self, phase: str, tokens: int) -> None:
-        """Pick this phase's placement for the measured uplink (re-planning when needed)."""
-        if self.policies is None:
-            return
-        uplink = self.remote.stats.uplink_bps_ewma or 100e6
-        stale = time.monotonic() - self._policy_at > self._policy_valid_s
-        resized = phase == "prefill" and not 0.5 <= tokens / self._policy_prompt_tokens <= 2.0
-        plan = self.policies[phase].plan_for(uplink)
-        if stale or resized or plan is None:
-            await self._request_policy(tokens if phase == "prefill" else self._policy_prompt_tokens)
-            plan = self.policies[phase].plan_for(uplink)
-        ranges = self.policies[phase].ranges
-        if plan is None and ranges:  # still outside the new table: use its nearest end
-            plan = ranges[-1].plan if uplink >= ranges[-1].hi_bps else ranges[0].plan
-        if plan is not None:
-            self.set_placement(plan.placement)
+        if self.follower is not None and self.remote is not None:
+            sides = await self.follower.placement_for(self.remote, self.codec, phase, tokens)
+            if sides is not None:
+                self.set_placement(sides)
 
     async def _apply_pending(self) -> None:
         new, self._pending = self._pending, None
@@ -322,7 +223,8 @@ class SplitClient:
         key = (start, end, last_only)
         seg = self._segments.pop(key, None)
         if seg is None:
-            seg = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options)
+            seg = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options,
+                          variant=self.weights)
         self._segments[key] = seg  # most recently used last
         while len(self._segments) > self.max_segments:
             self._segments.pop(next(iter(self._segments)))
@@ -430,7 +332,7 @@ class SplitClient:
             await self.remote.close()
         self.remote = None
         self.local = True
-        self.policies = None
+        self.follower = None
         self.placement = Placement.for_split(self.bundle.num_layers, self.bundle.num_units, local=True)
         await self._replay(params)
 
@@ -511,7 +413,7 @@ class SplitClient:
         stats.prefill_tokens = len(feed)
         await self._adapt("prefill", len(feed))
         decoder = self.text.incremental(skip_special_tokens=True)
-        stopper = _StopText(stop)
+        stopper = StopText(stop)
         for _ in range(max_new_tokens):
             token = await self._step(feed, params)
             self.tokens.extend(feed)
@@ -543,36 +445,6 @@ class SplitClient:
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)
-
-
-class _StopText:
-    """Holds back text that might begin a stop string; reports when one appears."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str, final: bool = False) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        for s in self.stops:
-            at = self.pending.find(s)
-            if at >= 0:
-                out, self.pending = self.pending[:at], ""
-                return out, True
-        if final:
-            out, self.pending = self.pending, ""
-            return out, False
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
 
 
 class ChatSession:

@@ -1,0 +1,66 @@
+"""The client's side of adaptive placement: the server's policies and when to ask again."""
+
+from __future__ import annotations
+
+import time
+
+from splitllm._remote import Remote
+from splitllm.costs import PhaseSLA
+from splitllm.errors import FrameError
+from splitllm.planner import Policy
+from splitllm.profile import Profile
+
+__all__ = ["PolicyFollower"]
+
+_DEFAULT_UPLINK_BPS = 100e6  # before anything was measured
+
+
+class PolicyFollower:
+    """Holds the prefill and decode policies fetched from POST /v1/plan for one SLA.
+
+    A policy is asked for again when it is older than the server said it stays valid, when the
+    measured uplink leaves its table, or when a prompt is more than twice as long or short as
+    the one it was planned for (prefill cost grows with the prompt).
+    """
+
+    def __init__(self, sla: PhaseSLA, profile: Profile) -> None:
+        self.sla = sla
+        self.profile = profile
+        self.policies: dict[str, Policy] | None = None
+        self._fetched_at = 0.0
+        self._valid_s = 30.0
+        self._prompt_tokens = 64
+
+    async def refresh(self, remote: Remote, codec: str, prompt_tokens: int) -> None:
+        link = remote.stats
+        uplink = link.uplink_bps_ewma or _DEFAULT_UPLINK_BPS
+        body = {
+            "client_profile": self.profile.to_dict(),
+            "sla": {"ttft_ms": self.sla.ttft_ms, "token_ms": self.sla.token_ms},
+            "codec": codec, "prompt_tokens": max(1, prompt_tokens),
+            "uplink_bps": uplink, "downlink_bps": uplink, "rtt_ms": link.rtt_floor_ms,
+        }
+        data = await remote.post_json("/v1/plan", body)
+        try:
+            self.policies = {phase: Policy.from_dict(data["policy"][phase]) for phase in ("prefill", "decode")}
+            self._valid_s = float(data.get("valid_s", 30.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FrameError(f"the server's plan answer is malformed: {exc!r}") from exc
+        self._fetched_at = time.monotonic()
+        self._prompt_tokens = max(1, prompt_tokens)
+
+    async def placement_for(self, remote: Remote, codec: str, phase: str, tokens: int) -> tuple[str, ...] | None:
+        """The sides the policy gives this phase at the measured uplink (re-planning when needed)."""
+        if self.policies is None:
+            await self.refresh(remote, codec, tokens if phase == "prefill" else self._prompt_tokens)
+        uplink = remote.stats.uplink_bps_ewma or _DEFAULT_UPLINK_BPS
+        stale = time.monotonic() - self._fetched_at > self._valid_s
+        resized = phase == "prefill" and not 0.5 <= tokens / self._prompt_tokens <= 2.0
+        plan = self.policies[phase].plan_for(uplink)
+        if stale or resized or plan is None:
+            await self.refresh(remote, codec, tokens if phase == "prefill" else self._prompt_tokens)
+            plan = self.policies[phase].plan_for(uplink)
+        ranges = self.policies[phase].ranges
+        if plan is None and ranges:  # still outside the new table: use its nearest end
+            plan = ranges[-1].plan if uplink >= ranges[-1].hi_bps else ranges[0].plan
+        return None if plan is None else tuple(plan.placement)
