@@ -207,8 +207,11 @@ class _Gateway:
         if self._client is None:
             from splitllm.client import SplitClient
 
+            # A gateway answers 503 rather than quietly running the whole model itself, and it
+            # gives a lost server only a short grace period before saying so.
             client = SplitClient(self.bundle, self.server_url, token=self.token, split=self.split,
-                                 codec=self.codec, client_name="splitllm-gateway")
+                                 codec=self.codec, client_name="splitllm-gateway",
+                                 fallback_local=False, failover_timeout_s=2.0)
             try:
                 await client.connect()
             except BaseException:
