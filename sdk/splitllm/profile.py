@@ -52,7 +52,7 @@ class Profile:
                 prefill_ms=tuple(float(x) for x in data["prefill_ms"]),
                 decode_ms=tuple(float(x) for x in data["decode_ms"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(f"profile is missing or has a bad field: {exc!r}") from exc
         for name in ("prefill_ms", "decode_ms"):
             values = getattr(profile, name)

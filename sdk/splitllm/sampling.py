@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.errors import ConfigError
+from splitllm.errors import ConfigError, RuntimeFailure
 
 __all__ = ["SamplingParams", "sample"]
 
@@ -38,9 +38,15 @@ class SamplingParams:
 def sample(logits: np.ndarray, params: SamplingParams, position: int) -> int:
     """Pick a token from 1-D logits (V,) for the token at ``position`` of the sequence."""
     logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+    if not np.isfinite(logits).all():
+        raise RuntimeFailure("the model produced non-finite logits; cannot sample")
     if params.temperature == 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
+    shifted = logits.astype(np.float64) - float(logits.max())
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        # A tiny temperature makes the gaps overflow to -inf: those tokens get probability 0.
+        scaled = shifted / params.temperature
+    scaled = np.where(np.isnan(scaled), -np.inf, scaled)
     order = np.argsort(-scaled, kind="stable")
     if params.top_k:
         order = order[: params.top_k]

@@ -75,7 +75,11 @@ def _show(value: Any) -> str:
     if type(value) in (int, float):
         return repr(value)
     name = type(value).__name__
-    if isinstance(value, (str, bytes, bytearray, list, tuple, dict)) and len(value) > 40:
+    if isinstance(value, (list, tuple, dict)):
+        # Containers are never repr'd: a hostile frame can nest them deeply enough to make
+        # repr raise RecursionError.
+        return f"{name} of length {len(value)}"
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 40:
         return f"{name} of length {len(value)}"
     return f"{name} {value!r}"
 

@@ -134,6 +134,10 @@ class Connection:
         except SplitLLMError as exc:
             await self.report(exc, seq=seq, fatal=self.session is None)
             return self.session is not None
+        except Exception as exc:  # a bug of ours: say so, drop this connection, keep serving the rest
+            log.exception("internal error while handling a frame")
+            await self.report(SplitLLMError(f"internal server error: {type(exc).__name__}"), seq=seq, fatal=True)
+            return False
         return True
 
     async def handshake(self, hello: wire.Hello) -> None:
@@ -177,11 +181,10 @@ class Connection:
         if msg.length > self.state.max_context:
             raise ContextTooLong(f"KV of {msg.length} positions exceeds the context of {self.state.max_context}")
         limit = int(np.prod(expected))
+        self.check_shape("KVPut.key", msg.key, expected)
+        self.check_shape("KVPut.value", msg.value, expected)
         key = codecs.decode(msg.key, max_elements=limit)
         value = codecs.decode(msg.value, max_elements=limit)
-        for name, array in (("key", key), ("value", value)):
-            if array.shape != expected:
-                raise FrameError(f"KVPut.{name} has shape {array.shape}; expected {expected}")
         self.session.cache.set(msg.unit, key, value)
 
     def on_kv_get(self, msg: wire.KVGet) -> wire.KVData:
@@ -201,11 +204,16 @@ class Connection:
             if bad.size:
                 raise InvalidToken(f"token id {int(bad[0])} is outside the vocabulary of {shapes.vocab_size}")
             return ids.reshape(1, msg.n_tokens)
-        x = codecs.decode(msg.payload, max_elements=msg.n_tokens * shapes.hidden_size)
         expected = (1, msg.n_tokens, shapes.hidden_size)
-        if x.shape != expected:
-            raise FrameError(f"Run payload has shape {x.shape}; expected {expected} hidden states")
-        return x
+        self.check_shape("Run payload", msg.payload, expected)
+        return codecs.decode(msg.payload, max_elements=msg.n_tokens * shapes.hidden_size)
+
+    @staticmethod
+    def check_shape(what: str, payload: bytes, expected: tuple[int, ...]) -> None:
+        """Refuse a payload of the wrong shape from its header, before decoding allocates anything."""
+        shape = tuple(codecs.read_header(payload).shape)
+        if shape != expected:
+            raise FrameError(f"{what} has shape {shape}; expected {expected}")
 
     async def on_run(self, msg: wire.Run) -> None:
         state = self.state

@@ -8,6 +8,7 @@ placements for ranges of uplink bandwidth, for the prefill and for decode steps.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,10 @@ from splitllm.profile import Profile, load_or_measure
 
 POLICY_VALID_S = 30.0
 _MAX_PROMPT_TOKENS = 1 << 20
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a number a plan can use")
 
 
 def _number(body: dict[str, Any], key: str, *, positive: bool = True, default: float | None = None) -> float:
@@ -72,8 +77,8 @@ async def plan_route(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
         try:
-            body = await request.json()
-        except ValueError as exc:
+            body = json.loads(await request.text(), parse_constant=_no_constants)
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
         req = parse_request(body, state.bundle.num_units)
         server = await server_profile(state)

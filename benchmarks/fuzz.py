@@ -1,0 +1,1011 @@
+"""Fuzz the frame decoder, the activation decoder and a live server; report every finding.
+
+Run: ``python benchmarks/fuzz.py [--frames 100000] [--payloads 100000] [--live-frames 2000]
+[--seed 0] [--max-seconds 600] [--bundle DIR]``
+
+Contracts checked (DESIGN.md "Wire protocol", docs/protocol.md, codec.decode's docstring):
+
+- ``wire.unpack(bytes)`` returns a registered message that packs and unpacks to itself, or raises
+  a ``splitllm.errors.SplitLLMError``; nothing else, and fast.
+- ``codec.decode(bytes)`` returns a finite, C-contiguous, writable float32 array of the header's
+  shape, or raises a SplitLLMError; and its peak memory stays within a small factor of the tensor
+  it returns (``--amplification-limit``), else a tiny payload can make a server allocate GiBs.
+- live: a real ``splitllm-server`` (subprocess, tiny bundle) answers every garbage frame with an
+  Error frame (or a valid reply) and keeps the connection, never logs an unhandled exception,
+  never hangs, frees every session; a real SplitClient generating greedy tokens alongside gets
+  exactly the tokens of an undisturbed run; /healthz still answers afterwards.
+
+Anything else is a *finding*: printed with a reproducer (hex of the input), exit status 1. The
+generators below are plain functions of a ``random.Random`` so tests/test_fuzz_sample.py reuses them.
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import random
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import numpy as np
+import zstandard
+
+from splitllm import codec as codecs
+from splitllm import errors, wire
+from splitllm.client import SplitClient
+
+MAGIC, FIXED = codecs.MAGIC, struct.Struct("<4sBBBBB3s")  # the payload header of codec.py
+INTS = (0, 1, 2, 3, 7, 8, 64, 127, 128, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
+        2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, -1, -2, -128, -2**31, -2**63)
+FLOATS = (0.0, -0.0, 5e-324, 1e-310, 1e-3, 0.5, 1.0, 1.5, 65504.0, 65520.0, 1e300, 1.7e308,
+          math.nan, math.inf, -math.inf, -1.0)
+BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC6, 0xC9, 0xCB, 0xCF, 0xD3,
+         0xD9, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0x90, 0x9F, 0xA0, 0xBF, 0x8F)
+HUGE = (b"\xdb\xff\xff\xff\xffab", b"\xc6\xff\xff\xff\xff\x00", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff",
+        b"\xc9\xff\xff\xff\xff\x05", b"\xdc\xff\xff", b"\xde\xff\xff", b"\xc5\xff\xff", b"\xda\xff\xffxy",
+        b"\xc6\x7f\xff\xff\xff" + bytes(64), b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80" + bytes(7))
+TEMPERATURES = (0.0, 0.0, 0.0, 0.7, 1.0, 1e-3, 5e-324, 1e300)  # 5e-324: the smallest float > 0
+TOP_PS, TOP_KS, SEEDS = (1.0, 1.0, 0.9, 5e-324), (0, 0, 1, 5, 2**31 - 1), (0, 1, 2**63 - 1)
+CODES = {cls.code for cls in errors._all_error_classes()}  # noqa: SLF001 - the codes a peer may send
+
+
+# ---------------------------------------------------------------- findings and tallies
+
+
+@dataclass
+class Finding:
+    kind: str  # exception | contract | slow | amplification | dropped | hang | server_exception | ...
+    where: str  # the decoder or the live check
+    detail: str
+    data: bytes = b""
+    count: int = 1
+    site: str = ""  # innermost splitllm source line of the traceback, if any
+
+    def show(self) -> str:
+        text = f"[{self.kind}] {self.where}: {self.detail} (x{self.count})"
+        if self.site:
+            text += f"\n    at {self.site}"
+        if self.data:
+            shown = self.data.hex() if len(self.data) <= 4096 else self.data[:256].hex() + "..."
+            text += f"\n    input ({len(self.data)} bytes): {shown}"
+        return text
+
+
+@dataclass
+class Tally:
+    where: str
+    cases: int = 0
+    outcomes: Counter = field(default_factory=Counter)  # class name of the exception, or ok:<type>
+    codes: Counter = field(default_factory=Counter)  # SplitLLMError.code
+    strategies: Counter = field(default_factory=Counter)
+    findings: dict[tuple, Finding] = field(default_factory=dict)
+    max_case_ms: float = 0.0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+    def add(self, kind: str, detail: str, data: bytes, exc: BaseException | None = None) -> None:
+        site = _site(exc) if exc is not None else ""
+        key = (kind, detail.split(":")[0] if exc is not None else detail, site)
+        old = self.findings.get(key)
+        if old is None:
+            self.findings[key] = Finding(kind, self.where, detail, data, site=site)
+        else:
+            old.count += 1
+            if len(data) < len(old.data):  # keep the smallest reproducer
+                old.data, old.detail = data, detail
+
+
+def _site(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "splitllm" in f.filename]
+    frames = frames or traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+
+
+def _timed(tally: Tally, data: bytes, strategy: str, call: Callable[[], Any],
+           contract: Callable[[Any], str]) -> None:
+    tally.cases += 1
+    tally.strategies[strategy] += 1
+    began = time.perf_counter()
+    try:
+        result = call()
+    except errors.SplitLLMError as exc:
+        tally.outcomes[type(exc).__name__] += 1
+        tally.codes[exc.code] += 1
+    except Exception as exc:  # noqa: BLE001 - exactly what the fuzzer is looking for
+        tally.outcomes["!" + type(exc).__name__] += 1
+        tally.add("exception", f"{type(exc).__name__}: {exc}"[:300], data, exc)
+    else:
+        problem = contract(result)
+        tally.outcomes["ok:" + type(result).__name__] += 1
+        if problem:
+            tally.add("contract", problem, data)
+    ms = (time.perf_counter() - began) * 1e3
+    tally.max_case_ms = max(tally.max_case_ms, ms)
+    if ms > 1000:
+        tally.add("slow", f"one case took {ms:.0f} ms", data)
+
+
+def _frame_contract(msg: Any) -> str:
+    if type(msg) not in wire.MESSAGE_TYPES.values():
+        return f"unpack returned {type(msg).__name__}, not a message"
+    try:
+        again = wire.unpack(wire.pack(msg))
+    except errors.SplitLLMError as exc:
+        return f"a decoded {type(msg).__name__} does not survive pack/unpack: {exc}"
+    return "" if again == msg else f"{type(msg).__name__} changes through pack/unpack"
+
+
+def _array_contract(payload: bytes) -> Callable[[Any], str]:
+    def check(x: Any) -> str:
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            return f"decode returned {type(x).__name__} {getattr(x, 'dtype', '')}, not float32"
+        if not (x.flags.c_contiguous and x.flags.writeable) or not np.isfinite(x).all():
+            return "decoded array is not C-contiguous, writable and finite"
+        shape = codecs.read_header(payload).shape
+        return "" if x.shape == shape else f"decoded shape {x.shape} differs from the header's {shape}"
+
+    return check
+
+
+def check_frame(tally: Tally, data: bytes, strategy: str = "") -> None:
+    _timed(tally, data, strategy, lambda: wire.unpack(data), _frame_contract)
+
+
+def check_payload(tally: Tally, data: bytes, strategy: str = "") -> None:
+    _timed(tally, data, strategy, lambda: codecs.decode(data), _array_contract(data))
+
+
+# ---------------------------------------------------------------- valid seeds
+
+
+@dataclass(frozen=True)
+class Model:
+    """Sizes frames need to look plausible to a server (defaults: the tiny 2-layer llama)."""
+
+    bundle_id: str = "0" * 64
+    num_units: int = 4
+    hidden_size: int = 64
+    vocab_size: int = 384
+    max_context: int = 512
+
+
+def _np(rng: random.Random) -> np.random.Generator:
+    return np.random.default_rng(rng.getrandbits(32))
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("abcXYZ09_-/é€😀\x00 ") for _ in range(rng.randint(0, n)))
+
+
+def hidden_payload(rng: random.Random, n_tokens: int, hidden: int, name: str) -> bytes:
+    """(1, T, H) hidden states encoded with ``name``; fp32 ones sometimes hold 3e38 (finite on
+    the wire, overflowing inside the model)."""
+    x = _np(rng).standard_normal((1, n_tokens, hidden), dtype=np.float32) * rng.choice((1.0, 1.0, 30.0))
+    if name.startswith("fp32") and rng.random() < 0.1:
+        x[..., 0] = 3e38
+    return codecs.encode(x, name)
+
+
+def run_message(rng: random.Random, m: Model, past_len: int = 0, start: int | None = None,
+                end: int | None = None) -> wire.Run:
+    start = rng.randrange(m.num_units) if start is None else start
+    end = rng.randint(start + 1, m.num_units) if end is None else end
+    n = rng.randint(1, 4)
+    name = rng.choice(codecs.CODECS)
+    if start == 0:
+        payload = np.array([rng.randrange(m.vocab_size) for _ in range(n)], "<i4").tobytes()
+    else:
+        payload = hidden_payload(rng, n, m.hidden_size, name)
+    want = rng.choice(("token", "token", "logits")) if end == m.num_units else "hidden"
+    return wire.Run(seq=rng.randrange(2**31), start=start, end=end, past_len=past_len, n_tokens=n,
+                    payload=payload, want=want, temperature=rng.choice(TEMPERATURES), top_p=rng.choice(TOP_PS),
+                    top_k=rng.choice(TOP_KS), seed=rng.choice(SEEDS), codec=name)
+
+
+def message(rng: random.Random, tag: str, m: Model) -> wire.Message:
+    """A valid message of type ``tag`` with random field values (boundaries included)."""
+    seq, units = rng.choice((0, 1, rng.randrange(2**31), 2**31 - 1)), m.num_units
+    kv = codecs.encode(_np(rng).standard_normal((1, 2, rng.randint(0, 3), 16), dtype=np.float32),
+                       rng.choice(("fp32", "fp16")))
+    if tag == "hello":
+        return wire.Hello(bundle_id=m.bundle_id, codec=rng.choice(codecs.CODECS), client_name=_text(rng, 20),
+                          session_id=rng.choice(("", "ab" * 16)), token=rng.choice(("", "s3cret", "t" * 8192)))
+    if tag == "welcome":
+        n, ctx = rng.randint(3, 40), rng.randint(1, 10_000)
+        return wire.Welcome(session_id="ab" * 16, server_name=_text(rng, 10), num_units=n, max_context=ctx,
+                            codecs=list(codecs.CODECS), max_frame_bytes=rng.randint(1024, 2**31 - 1),
+                            kv_lens=[rng.randint(0, ctx) for _ in range(n)])
+    if tag == "run":
+        return run_message(rng, m, past_len=rng.choice((0, 0, 1, 7, 2**31 - 9)))
+    if tag == "result":
+        token = rng.choice((-1, 0, 5, 2**31 - 1))
+        payload = b"" if token >= 0 else hidden_payload(rng, 1, m.hidden_size, rng.choice(codecs.CODECS))
+        return wire.Result(seq=seq, token=token, payload=payload, server_ms=rng.random() * 9, queue_ms=0)
+    if tag == "truncate":
+        start = rng.randrange(units)
+        return wire.Truncate(seq=seq, start=start, end=rng.randint(start + 1, units), length=rng.choice((0, 1, 3)))
+    if tag in ("kv_put", "kv_data"):
+        cls = wire.KVPut if tag == "kv_put" else wire.KVData
+        return cls(seq=seq, unit=rng.randrange(units), length=rng.randint(0, 3), key=kv, value=kv)
+    if tag == "kv_get":
+        return wire.KVGet(seq=seq, unit=rng.randrange(units + 2))
+    if tag == "ack":
+        return wire.Ack(seq=seq)
+    if tag == "ping":
+        return wire.Ping(seq=seq, sent_ms=rng.choice((0.0, 1e12)), pad=rng.randbytes(rng.choice((0, 1, 100))))
+    if tag == "pong":
+        return wire.Pong(seq=seq, sent_ms=1.5, pad_len=rng.randrange(2**31))
+    if tag == "error":
+        return wire.Error(seq=rng.choice((-1, seq)), code=rng.choice(sorted(CODES)), message=_text(rng, 50),
+                          fatal=rng.random() < 0.5)
+    return wire.Close(reason=_text(rng, 30))
+
+
+def frame_seeds(rng: random.Random, m: Model, per_type: int = 8) -> list[wire.Message]:
+    return [message(rng, tag, m) for tag in wire.MESSAGE_TYPES for _ in range(per_type)]
+
+
+@dataclass(frozen=True)
+class PayloadSeed:
+    codec: codecs.Codec
+    shape: tuple[int, ...]
+    dtype: int  # wire dtype code
+    raw: bytes  # body before zstd
+
+
+SHAPES = ((), (0,), (1,), (3,), (2, 5), (1, 3, 64), (1, 2, 130), (2, 0, 3), (1, 1, 1, 1, 7), (4, 1), (1, 65))
+
+
+def payload_seeds(rng: random.Random) -> list[PayloadSeed]:
+    """Every registered codec x a spread of shapes and input dtypes, as (header fields, raw body)."""
+    out = []
+    for name in codecs.CODECS:
+        c = codecs.get_codec(name)
+        for shape in SHAPES:
+            dtype = rng.choice((np.float16, np.float32, np.float64))
+            x = np.asarray(_np(rng).standard_normal(shape) * rng.choice((0.0, 1.0, 100.0)), dtype=dtype)
+            payload = c.encode(x)
+            hdr = codecs.read_header(payload)
+            raw = codecs.get_codec(name.removesuffix("+zstd")).encode(x)[hdr.header_bytes:]
+            out.append(PayloadSeed(c, shape, payload[7], raw))
+    return out
+
+
+def build_payload(codec_id: int, flags: int, dtype: int, shape: list[int], body: bytes, *, magic: bytes = MAGIC,
+                  version: int = 1, ndim: int | None = None, reserved: bytes = b"\0\0\0",
+                  body_len: int | None = None) -> bytes:
+    ndim = len(shape) if ndim is None else ndim
+    tail = b"".join(struct.pack("<I", d & 0xFFFFFFFF) for d in shape)
+    size = len(body) if body_len is None else body_len
+    head = FIXED.pack(magic, version & 255, codec_id & 255, flags & 255, dtype & 255, ndim & 255, reserved)
+    return head + tail + struct.pack("<I", size & 0xFFFFFFFF) + body
+
+
+def _zstd(raw: bytes, content_size: bool = True, checksum: bool = False) -> bytes:
+    return zstandard.ZstdCompressor(level=1, write_content_size=content_size, write_checksum=checksum).compress(raw)
+
+
+def seed_payload(s: PayloadSeed) -> bytes:
+    body = _zstd(s.raw) if s.codec.zstd_level is not None else s.raw
+    return build_payload(s.codec.id, int(s.codec.zstd_level is not None), s.dtype, list(s.shape), body)
+
+
+# ---------------------------------------------------------------- mutators
+
+
+def mutate(rng: random.Random, data: bytes, other: bytes = b"") -> bytes:
+    """1-4 random byte-level edits: flips, interesting bytes and ints, inserts, cuts, splices."""
+    b = bytearray(data)
+    for _ in range(rng.choice((1, 1, 1, 2, 3, 4))):
+        op, at = rng.randrange(10), rng.randrange(len(b) + 1)
+        if op == 0 and b:
+            b[min(at, len(b) - 1)] ^= 1 << rng.randrange(8)
+        elif op == 1 and b:
+            b[min(at, len(b) - 1)] = rng.choice(BYTES)
+        elif op == 2 and b:
+            b[min(at, len(b) - 1)] = rng.randrange(256)
+        elif op == 3:
+            b[at:at] = rng.randbytes(rng.randint(1, 8))
+        elif op == 4:
+            del b[at:at + rng.randint(1, 16)]
+        elif op == 5:
+            del b[at:]
+        elif op == 6:
+            b += rng.randbytes(rng.randint(1, 32))
+        elif op == 7 and b:
+            b[at:at] = b[rng.randrange(len(b)):][: rng.randint(1, 32)]
+        elif op == 8 and other:
+            b = b[:at] + other[rng.randrange(len(other)):]
+        else:
+            width, order = rng.choice((1, 2, 4, 8)), rng.choice("<>")
+            value = rng.choice(INTS) % 2 ** (8 * width)
+            b[at:at + width] = value.to_bytes(width, "little" if order == "<" else "big")
+    return bytes(b)
+
+
+def odd_value(rng: random.Random) -> Any:
+    """A msgpack value of any type, biased to boundaries."""
+    return rng.choice((
+        None, True, False, rng.choice(INTS), rng.choice(FLOATS), "", "x" * rng.choice((1, 300, 5000)),
+        _text(rng, 10), b"", rng.randbytes(rng.randint(1, 40)), [], [rng.choice(INTS)] * rng.randint(1, 5),
+        [[[]]], {}, {"a": 1}, {"seq": [1]}, msgpack.ExtType(5, b"xy"), msgpack.Timestamp(0, 0),
+        [odd_value(rng) for _ in range(2)] if rng.random() < 0.3 else 0,
+    ))
+
+
+_SENTINEL = b"\xc4\x08" + b"\xa5" * 8
+
+
+def wrong_types(rng: random.Random, msg: wire.Message) -> bytes:
+    """A msgpack map shaped like ``msg`` with fields of the wrong type, missing, extra, or raw
+    headers that declare huge sizes."""
+    d: dict[Any, Any] = {"v": wire.PROTOCOL_VERSION, "t": msg.TYPE, **msg.__dict__}
+    raw: bytes | None = None
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        op, name = rng.randrange(7), rng.choice(list(d))
+        if op <= 1:
+            d[name] = odd_value(rng)
+        elif op == 2:
+            d.pop(name)
+        elif op == 3:
+            d[rng.choice(("extra", b"seq", "V", "t\x00"))] = odd_value(rng)
+        elif op == 4:
+            d["v"] = rng.choice((0, 2, -1, 2**64 - 1, "1", 1.0, True, None))
+        elif op == 5:
+            d["t"] = rng.choice(("", "RUN", "runn", b"run", 1, None, *wire.MESSAGE_TYPES))
+        else:
+            d[name], raw = _SENTINEL[2:], rng.choice(HUGE + (b"\x91" * rng.randint(2, 5000) + b"\xc0",))
+    packed = msgpack.packb(d, use_bin_type=rng.random() < 0.8)
+    return packed.replace(_SENTINEL, raw, 1) if raw is not None else packed
+
+
+def odd_msgpack(rng: random.Random) -> bytes:
+    """Huge declared sizes, deep nesting, ext types and non-map top levels."""
+    op = rng.randrange(5)
+    if op == 0:
+        return rng.choice(HUGE) + rng.randbytes(rng.randint(0, 8))
+    if op == 1:
+        depth = rng.choice((10, 500, 1000, 5000, 100_000))
+        return rng.choice((b"\x91", b"\x81\xa1a", b"\xdc\x00\x01")) * depth + b"\xc0"
+    if op == 2:
+        return msgpack.packb(odd_value(rng), use_bin_type=True)
+    if op == 3:
+        return b"\x82\xa1v\x01\xa1t" + rng.choice(HUGE)
+    return b"\xde" + struct.pack(">H", rng.choice((0, 2, 65, 65535))) + rng.randbytes(rng.randint(0, 40))
+
+
+def frame_case(rng: random.Random, seeds: list[wire.Message], pseeds: list[PayloadSeed]) -> tuple[str, bytes]:
+    """(strategy, frame bytes) for the frame decoder."""
+    r = rng.random()
+    msg = rng.choice(seeds)
+    if r < 0.08:
+        return "random", rng.randbytes(rng.choice((0, 1, 2, 8, 64, 500)))
+    if r < 0.45:
+        return "mutated", mutate(rng, wire.pack(msg), wire.pack(rng.choice(seeds)))
+    if r < 0.75:
+        return "wrong_types", wrong_types(rng, msg)
+    if r < 0.88:
+        return "odd_msgpack", odd_msgpack(rng)
+    if r < 0.95 and isinstance(msg, wire.Run) and msg.start > 0:
+        fields = {**msg.__dict__, "payload": payload_case(rng, pseeds)[1]}
+        return "fuzzed_payload", wire.pack(wire.Run(**fields))
+    return "valid", wire.pack(msg)
+
+
+def tamper_header(rng: random.Random, s: PayloadSeed) -> bytes:
+    f: dict[str, Any] = dict(codec_id=s.codec.id, flags=int(s.codec.zstd_level is not None), dtype=s.dtype,
+                             shape=list(s.shape), body=seed_payload(s)[16 + 4 * len(s.shape):])
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        what = rng.choice(("magic", "version", "codec_id", "flags", "dtype", "ndim", "reserved", "shape",
+                           "shape", "body_len", "body"))
+        if what == "magic":
+            f["magic"] = rng.choice((b"SLA2", b"sla1", b"\0\0\0\0", rng.randbytes(4)))
+        elif what == "version":
+            f["version"] = rng.choice((0, 2, 255))
+        elif what == "codec_id":
+            f["codec_id"] = rng.choice((0, 3, 13, 31, 255, *(codecs.get_codec(n).id for n in codecs.CODECS)))
+        elif what == "flags":
+            f["flags"] = rng.choice((0, 1, 2, 3, 0x80, 0xFF))
+        elif what == "dtype":
+            f["dtype"] = rng.choice((0, 1, 2, 3, 4, 255))
+        elif what == "ndim":
+            f["ndim"] = rng.choice((0, 1, 7, 8, 9, 200, 255))
+        elif what == "reserved":
+            f["reserved"] = rng.choice((b"\0\0\1", b"\xff\xff\xff"))
+        elif what == "shape" and f["shape"] and rng.random() < 0.7:
+            f["shape"][rng.randrange(len(f["shape"]))] = rng.choice((0, 1, 2, 63, 64, 65, 2**16, 2**31, 2**32 - 1))
+        elif what == "shape":
+            f["shape"] = f["shape"] + [rng.choice((1, 2, 2**32 - 1))] if rng.random() < 0.5 else f["shape"][1:]
+        elif what == "body_len":
+            f["body_len"] = rng.choice((0, 1, len(f["body"]) - 1, len(f["body"]) + 1, 2**31, 2**32 - 1))
+        else:
+            f["body"] = mutate(rng, f["body"])
+    body = f.pop("body")
+    return build_payload(f.pop("codec_id"), f.pop("flags"), f.pop("dtype"), f.pop("shape"), body, **f)
+
+
+def corrupt_body(rng: random.Random, s: PayloadSeed) -> bytes:
+    """A well-formed header over a body no genuine encoder writes (bad scales, codes, padding,
+    NaN/inf, zstd frames of the wrong size, without a size, concatenated, skippable, with junk)."""
+    raw, c = bytearray(s.raw), s.codec
+    if raw and rng.random() < 0.6:
+        if isinstance(c, codecs.FloatCodec):
+            width = 4 if c.bits_per_value == 32 else 2
+            bad = rng.choice((b"\x00\x00\x80\x7f", b"\x00\x00\xc0\x7f", b"\x00\x00\x80\xff") if width == 4
+                             else (b"\x00\x7c", b"\x00\x7e", b"\x00\xfc"))
+            at = rng.randrange(len(raw) // width) * width
+            raw[at:at + width] = bad
+        else:
+            at = rng.randrange(len(raw))
+            raw[at] = rng.choice((0xFF, 0x7C, 0xFC, 0x80, 0x01))
+    raw = bytes(raw)
+    if c.zstd_level is None:
+        return build_payload(c.id, 0, s.dtype, list(s.shape), raw)
+    op = rng.randrange(7)
+    body = (_zstd(raw), _zstd(raw, content_size=False), _zstd(raw + b"\0"), _zstd(raw) + _zstd(b""),
+            _zstd(raw) + b"junk", b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd" + _zstd(raw),
+            _zstd(raw, checksum=True)[:-1] + b"\x00")[op]
+    return build_payload(c.id, 1, s.dtype, list(s.shape), body)
+
+
+def huge_payload(rng: random.Random, s: PayloadSeed) -> bytes:
+    """Headers that declare far more than they carry (or shapes with a zero dim and huge others)."""
+    ndim = rng.randint(1, 8)
+    shape = [rng.choice((2**32 - 1, 2**16, 8192, 64 * 2**20, 0, 1)) for _ in range(ndim)]
+    raw = s.codec.raw_size(tuple(shape)) if rng.random() < 0.5 else rng.choice((0, 2**32 - 1, 64))
+    return build_payload(s.codec.id, int(s.codec.zstd_level is not None), s.dtype, shape,
+                         rng.randbytes(rng.choice((0, 16, 300))), body_len=raw)
+
+
+def payload_case(rng: random.Random, seeds: list[PayloadSeed]) -> tuple[str, bytes]:
+    """(strategy, payload bytes) for the codec decoder."""
+    s, r = rng.choice(seeds), rng.random()
+    if r < 0.07:
+        return "random", rng.choice((b"", MAGIC + b"\x01")) + rng.randbytes(rng.choice((0, 4, 12, 40, 300)))
+    if r < 0.40:
+        return "mutated", mutate(rng, seed_payload(s), seed_payload(rng.choice(seeds)))
+    if r < 0.70:
+        return "header", tamper_header(rng, s)
+    if r < 0.80:
+        return "huge", huge_payload(rng, s)
+    if r < 0.95:
+        return "body", corrupt_body(rng, s)
+    return "valid", seed_payload(s)
+
+
+# ---------------------------------------------------------------- offline phases
+
+
+def fuzz_frames(cases: int, seed: int = 0, deadline: float = math.inf) -> Tally:
+    rng = random.Random(seed)
+    seeds, pseeds, tally = frame_seeds(rng, Model()), payload_seeds(rng), Tally("wire.unpack")
+    began = time.perf_counter()
+    for i in range(cases):
+        if i % 256 == 0 and time.monotonic() > deadline:
+            tally.stopped_early = True
+            break
+        strategy, data = frame_case(rng, seeds, pseeds)
+        check_frame(tally, data, strategy)
+    tally.seconds = time.perf_counter() - began
+    return tally
+
+
+def fuzz_payloads(cases: int, seed: int = 0, deadline: float = math.inf) -> Tally:
+    rng = random.Random(seed)
+    seeds, tally = payload_seeds(rng), Tally("codec.decode")
+    began = time.perf_counter()
+    for i in range(cases):
+        if i % 256 == 0 and time.monotonic() > deadline:
+            tally.stopped_early = True
+            break
+        strategy, data = payload_case(rng, seeds)
+        check_payload(tally, data, strategy)
+    tally.seconds = time.perf_counter() - began
+    return tally
+
+
+def amplification(limit: float, rows: int = 16384) -> tuple[list[dict], Tally]:
+    """Peak bytes codec.decode allocates / (returned tensor + payload), for every codec, on
+    column, row and square shapes. One column of ``rows`` rows is the worst case for block codecs."""
+    table, tally = [], Tally("codec.decode memory")
+    side = int(math.isqrt(rows))
+    for name in codecs.CODECS:
+        for shape in ((rows, 1), (1, rows), (side, side)):
+            payload = codecs.encode(np.zeros(shape, np.float32), name)
+            tracemalloc.start()
+            try:
+                out = codecs.decode(payload)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            ratio = peak / (out.nbytes + len(payload))
+            table.append({"codec": name, "shape": shape, "payload_bytes": len(payload),
+                          "peak_bytes": peak, "ratio": round(ratio, 1)})
+            tally.cases += 1
+    over = sorted((r for r in table if r["ratio"] > limit), key=lambda r: -r["ratio"])
+    if over:  # one root cause: report the worst case, count the rest
+        w = over[0]
+        payload = codecs.encode(np.zeros(w["shape"], np.float32), w["codec"])
+        tally.add("amplification", f"{w['codec']} {w['shape']}: {w['payload_bytes']}-byte payload -> "
+                  f"{w['peak_bytes'] / 2**20:.1f} MiB peak ({w['ratio']:.0f}x > {limit:g}x); {len(over)} of "
+                  f"{len(table)} codec/shape pairs over the limit: "
+                  + ", ".join(sorted({r['codec'] for r in over})), payload)
+    return table, tally
+
+
+# ---------------------------------------------------------------- live phase
+
+
+@dataclass
+class Live:
+    frames: int = 0
+    connections: int = 0
+    replies: Counter = field(default_factory=Counter)  # Result/Ack/Pong/Welcome, error:<code>, closed:*
+    rounds: int = 0
+    tokens: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, kind: str, detail: str, data: bytes = b"") -> None:
+        for f in self.findings:
+            if f.kind == kind and f.detail.split(" (")[0] == detail.split(" (")[0]:
+                f.count += 1
+                if data and len(data) < len(f.data):  # keep the smallest reproducer
+                    f.data, f.detail = data, detail
+                return
+        self.findings.append(Finding(kind, "live", detail, data))
+
+
+async def _exchange(ws: aiohttp.ClientWebSocketResponse, data: bytes | str, timeout_s: float) -> tuple[str, Any]:
+    try:
+        await (ws.send_str(data) if isinstance(data, str) else ws.send_bytes(data))
+        frame = await ws.receive(timeout=timeout_s)
+    except asyncio.TimeoutError:
+        return "timeout", None
+    except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+        return "closed", f"send failed: {exc}"
+    if frame.type != aiohttp.WSMsgType.BINARY:
+        return "closed", f"{frame.type.name} {frame.data} {frame.extra or ''}".strip()
+    try:
+        return "reply", wire.unpack(frame.data)
+    except errors.SplitLLMError as exc:
+        return "bad_reply", exc
+
+
+def _describe(msg: Any) -> str:
+    if isinstance(msg, wire.Run):
+        return (f"a Run (units [{msg.start}, {msg.end}), want={msg.want}, temperature={msg.temperature!r}, "
+                f"top_p={msg.top_p!r}, codec={msg.codec}, payload {len(msg.payload)} B)")
+    return "an undecodable frame" if msg is None else "a " + type(msg).__name__
+
+
+def _decoded(data: bytes | str) -> Any:
+    try:
+        return wire.unpack(data) if isinstance(data, bytes) else None
+    except Exception:  # noqa: BLE001 - only to describe what was sent; the offline phase reports unpack's bugs
+        return None
+
+
+async def attacker(url: str, m: Model, frames: int, rng: random.Random, live: Live, deadline: float,
+                   timeout_s: float = 20.0) -> None:
+    """Send ``frames`` frames on raw WebSockets: garbage, mutated and valid requests (real
+    sessions: Hello first, kv length tracked), reconnecting whenever the server closes."""
+    seeds, pseeds = frame_seeds(rng, m, per_type=4), payload_seeds(rng)
+    hello = wire.pack(wire.Hello(bundle_id=m.bundle_id, codec="fp32", client_name="fuzz", session_id="", token=""))
+    ws, kv, sent = None, 0, 0
+    async with aiohttp.ClientSession() as http:
+        while sent < frames and time.monotonic() < deadline:
+            if ws is None:
+                ws, kv = await http.ws_connect(url.replace("http", "ws", 1) + "/v1/session", max_msg_size=0), 0
+                live.connections += 1
+                first = frame_case(rng, seeds, pseeds)[1] if rng.random() < 0.05 else hello
+                sent += first is not hello
+                live.frames += first is not hello
+                kind, got = await _exchange(ws, first, timeout_s)
+                if kind == "reply" and isinstance(got, wire.Welcome):
+                    live.replies["Welcome"] += 1
+                    continue
+                fatal = kind == "reply" and isinstance(got, wire.Error) and got.fatal
+                live.replies[f"error:{got.code}" if fatal else f"pre-hello:{kind}"] += 1
+                if not fatal:
+                    live.add("dropped" if kind == "closed" else kind, f"before Hello: {kind} {got}", first)
+                await ws.close()
+                ws = None
+                continue
+            r, units = rng.random(), m.num_units
+            if kv + 4 >= m.max_context or r < 0.06:
+                data: bytes | str = wire.pack(wire.Truncate(seq=1, start=0, end=units, length=0))
+            elif r < 0.30:
+                data = wire.pack(run_message(rng, m, past_len=kv, start=rng.choice((0, 1)),
+                                             end=rng.choice((units, units, units - 1))))
+            elif r < 0.34:
+                data = rng.choice(("", "hello", "{\"v\": 1}", _text(rng, 100)))
+            else:
+                data = frame_case(rng, seeds, pseeds)[1]
+            sent += 1
+            live.frames += 1
+            kind, got = await _exchange(ws, data, timeout_s)
+            msg = _decoded(data)
+            if kind == "reply" and isinstance(got, wire.Error):
+                live.replies[f"error:{got.code}"] += 1
+                if got.code not in CODES:
+                    live.add("unknown_code", f"error code {got.code!r}", data if isinstance(data, bytes) else b"")
+                if got.code == "session_state":
+                    kv = -1  # unknown: the next valid request truncates
+                if got.fatal:
+                    await ws.close()
+                    ws = None
+            elif kind == "reply" and isinstance(got, wire.Close):  # the server says why it closes
+                live.replies[f"Close: {got.reason[:40]}"] += 1
+                await ws.close()
+                ws = None
+            elif kind == "reply":
+                live.replies[type(got).__name__] += 1
+                if isinstance(msg, wire.Run) and msg.start <= 1 and msg.end >= units - 1:
+                    kv = msg.past_len + msg.n_tokens
+                elif isinstance(msg, wire.Truncate) and msg.start <= 1 and msg.end >= units - 1:
+                    kv = min(kv, msg.length)
+            elif kind == "closed" and isinstance(msg, wire.Close):
+                live.replies["closed:after Close"] += 1
+                ws = None
+            else:
+                live.replies[f"{kind}"] += 1
+                what = _describe(msg)
+                live.add("dropped" if kind == "closed" else kind,
+                         f"after Hello, {what} got {kind} ({got}) instead of a reply", data if
+                         isinstance(data, bytes) else data.encode())
+                if ws is not None:
+                    await ws.close()
+                ws = None
+            if kv < 0 and ws is not None:  # resync the kv length with a Truncate to 0
+                kind, got = await _exchange(ws, wire.pack(wire.Truncate(seq=2, start=0, end=units, length=0)),
+                                            timeout_s)
+                kv = 0 if kind == "reply" and isinstance(got, wire.Ack) else kv
+        if ws is not None:
+            await ws.close()
+
+
+def plan_body(rng: random.Random, m: Model) -> str:
+    """A POST /v1/plan body: a valid request with 0-3 fields (nested ones too) made odd, or junk."""
+    ms = [round(rng.uniform(0.01, 5), 3) for _ in range(m.num_units)]
+    body: dict[str, Any] = {
+        "client_profile": {"bundle_id": m.bundle_id, "threads": 1, "prefill_tokens": 16, "context": 64,
+                           "prefill_ms": ms, "decode_ms": list(ms)},
+        "sla": {"ttft_ms": 500.0, "token_ms": 100.0}, "codec": "int8-block64", "prompt_tokens": 20,
+        "uplink_bps": 1e7, "downlink_bps": 1e8, "rtt_ms": 20.0,
+    }
+    if rng.random() < 0.08:
+        return rng.choice(("", "null", "[]", "{", "\"x\"", "1e999", _text(rng, 40)))
+    odd = (None, True, "x", [], {}, -1, 0, 0.5, 1e-300, 1e308, 10**30, 2**63, math.nan, math.inf, -math.inf,
+           [math.nan] * m.num_units, [1e308] * m.num_units, [0] * (m.num_units + 1))
+    for _ in range(rng.randint(0, 3)):
+        target = rng.choice([d for d in (body, body, body.get("client_profile"), body.get("sla"))
+                             if isinstance(d, dict) and d])
+        key = rng.choice(list(target))
+        if rng.random() < 0.15:
+            target.pop(key)
+        else:
+            target[key] = rng.choice(odd)
+    return json.dumps(body)  # NaN / Infinity as Python's json writes (and aiohttp's json reads) them
+
+
+async def plan_fuzz(url: str, m: Model, requests: int, rng: random.Random, live: Live, timeout_s: float = 60.0) -> None:
+    """POST odd bodies to /v1/plan: each must get 200 or a 400 with an error code, never a 500."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+        for _ in range(requests):
+            body = plan_body(rng, m)
+            try:
+                async with http.post(url + "/v1/plan", data=body, headers={"Content-Type": "application/json"}) as r:
+                    status, text = r.status, await r.text()
+            except asyncio.TimeoutError:
+                live.add("hang", f"POST /v1/plan got no answer within {timeout_s} s", body.encode())
+                continue
+            live.replies[f"plan:{status}"] += 1
+            code = json.loads(text).get("error", {}).get("code") if status == 400 else None
+            if status == 400 and code not in CODES:
+                live.add("plan_bad_error", f"POST /v1/plan answered 400 without a known code: {text[:200]}",
+                         body.encode())
+            elif status not in (200, 400):
+                live.add("plan_http_500" if status == 500 else "plan_status",
+                         f"POST /v1/plan answered HTTP {status} ({' '.join(text[:100].split())})", body.encode())
+
+
+async def good_client(url: str, bundle: Path, prompt: list[int], tokens: int, codec: str, reference: list[int],
+                      live: Live, stop: asyncio.Event) -> None:
+    """Generate greedily, round after round until ``stop``; every round must equal ``reference``,
+    on the first connection (no failover: it would hide a dropped session behind a replay)."""
+    async with SplitClient(bundle, url, split=1, codec=codec, threads=1, fallback_local=False) as client:
+        while True:
+            async for _ in client.generate_ids(prompt, max_new_tokens=tokens, ignore_eos=True):
+                await asyncio.sleep(0)
+            got = client.last_stats.new_ids
+            live.rounds += 1
+            live.tokens += len(got)
+            if got != reference:
+                live.add("client_tokens_changed", f"round {live.rounds}: {got} != undisturbed {reference}")
+            if client.failovers:
+                live.add("client_failover", f"the good client lost its server {client.failovers} time(s)")
+            if stop.is_set():
+                return
+
+
+async def reference_tokens(url: str, bundle: Path, prompt: list[int], tokens: int, codec: str) -> list[int]:
+    async with SplitClient(bundle, url, split=1, codec=codec, threads=1, fallback_local=False) as client:
+        async for _ in client.generate_ids(prompt, max_new_tokens=tokens, ignore_eos=True):
+            pass
+        return client.last_stats.new_ids
+
+
+async def health(url: str, live: Live, baseline_sessions: int = 0) -> dict:
+    """/healthz must answer 200 and, once every connection is gone, hold ``baseline_sessions``."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(50):
+            async with http.get(url + "/healthz") as r:
+                body = await r.json() if r.status == 200 else {"status": f"HTTP {r.status}"}
+            if body.get("sessions") == baseline_sessions:
+                break
+            await asyncio.sleep(0.1)
+    if body.get("status") != "ok":
+        live.add("server_unhealthy", f"/healthz answered {body}")
+    elif body["sessions"] != baseline_sessions:
+        live.add("leaked_sessions", f"{body['sessions']} sessions left, expected {baseline_sessions}")
+    return body
+
+
+async def live_phase(url: str, bundle: Path, m: Model, frames: int, seed: int, deadline: float,
+                     attackers: int = 3, tokens: int = 24, codec: str = "int8-block64",
+                     plan_requests: int = 0) -> Live:
+    """Reference run, then attackers and a good client at once, then /healthz."""
+    live, prompt, stop = Live(), list(range(5, 25)), asyncio.Event()
+    reference = await reference_tokens(url, bundle, prompt, tokens, codec)
+
+    async def attack_all() -> None:
+        shares = [frames // attackers + (i < frames % attackers) for i in range(attackers)]
+        try:
+            await asyncio.gather(*(attacker(url, m, n, random.Random(seed * 1000 + i), live, deadline)
+                                   for i, n in enumerate(shares)))
+        finally:
+            stop.set()
+
+    await asyncio.gather(attack_all(), good_client(url, bundle, prompt, tokens, codec, reference, live, stop),
+                         plan_fuzz(url, m, plan_requests, random.Random(seed), live))
+    await health(url, live)
+    return live
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Failure|Exit)\b.*)$")
+
+
+def server_exceptions(log_text: str) -> list[Finding]:
+    """Unhandled exceptions in a server's log (aiohttp's "Error handling request" tracebacks)."""
+    found: dict[str, Finding] = {}
+    sites: list[str] = []
+    for line in log_text.splitlines():
+        frame = re.match(r'\s*File "([^"]*splitllm[^"]*)", line (\d+), in (\S+)', line)
+        if frame:
+            sites.append(f"{frame.group(1)}:{frame.group(2)} in {frame.group(3)}")
+        match = _EXC_LINE.match(line)
+        if match and sites:
+            key = match.group(1)[:200]
+            if key in found:
+                found[key].count += 1
+            else:  # the innermost splitllm line, and the server line that called into it
+                server = [x for x in sites if "splitllm_server" in x]
+                site = sites[-1] + (f" (from {server[-1]})" if server and server[-1] != sites[-1] else "")
+                found[key] = Finding("server_exception", "live server", key, site=site)
+            sites = []
+    return list(found.values())
+
+
+class _Server:
+    """``splitllm-server`` as a subprocess on a free loopback port; stderr kept for tracebacks."""
+
+    def __init__(self, bundle: Path, *extra: str) -> None:
+        exe = Path(sys.executable).with_name("splitllm-server")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "splitllm_server.cli"]
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([*cmd, "--bundle", str(bundle), "--host", "127.0.0.1", "--port", "0",
+                                      "--no-spinning", *extra], stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("listening on http://127.0.0.1:"):
+            self.stop()
+            raise SystemExit(f"splitllm-server did not start: {line!r} {self.stderr()[-2000:]}")
+        self.url = line.split()[-1]
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _export_tiny(out: Path) -> None:
+    exe = Path(sys.executable).with_name("splitllm-export")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "splitllm_export.cli"]
+    subprocess.run([*cmd, "--tiny", "llama", "--layers", "2", "-q", "-o", str(out)], check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+
+
+def run_live(bundle: Path | None, frames: int, seed: int, deadline: float, plan_requests: int = 0) -> tuple[Live, dict]:
+    from splitllm.bundle import Bundle
+
+    with tempfile.TemporaryDirectory(prefix="splitllm-fuzz-") as tmp:
+        if bundle is None:
+            bundle = Path(tmp) / "tiny"
+            _export_tiny(bundle)
+        b = Bundle.open(bundle)
+        s = b.shapes
+        m = Model(b.bundle_id, b.num_units, s.hidden_size, s.vocab_size, s.max_context)
+        server = _Server(bundle, "--threads", "1")
+        try:
+            live = asyncio.run(live_phase(server.url, bundle, m, frames, seed, deadline, plan_requests=plan_requests))
+            alive = server.proc.poll() is None
+            rss = _vm_hwm(server.proc.pid)
+        finally:
+            code = server.stop()
+        if not alive:
+            live.add("server_crashed", f"the server process exited with {code}")
+        live.findings += server_exceptions(server.stderr())
+        return live, {"server_peak_rss_bytes": rss, "bundle": b.model_id}
+
+
+def server_bomb(bundle: Path, limit: float) -> tuple[dict, list[Finding]]:
+    """One Run of max_context positions whose payload is an int8-block128+zstd column of the
+    same element count: a legal element count, so the server decodes it before it checks the
+    shape. Measures the server's peak RSS growth and how long a /healthz sent alongside waits."""
+    from splitllm.bundle import Bundle
+
+    b = Bundle.open(bundle, verify=False)
+    n, hidden = b.shapes.max_context, b.shapes.hidden_size
+    payload = codecs.encode(np.zeros((n * hidden, 1), np.float32), "int8-block128+zstd")
+    frame = wire.pack(wire.Run(seq=1, start=1, end=b.num_units, past_len=0, n_tokens=n, payload=payload,
+                               want="token", temperature=0.0, top_p=1.0, top_k=0, seed=0, codec="fp32"))
+    hello = wire.pack(wire.Hello(bundle_id=b.bundle_id, codec="fp32", client_name="bomb", session_id="", token=""))
+    server = _Server(bundle, "--no-verify", "--threads", "1")
+
+    async def go() -> tuple[str, Any, float, float]:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(server.url.replace("http", "ws", 1) + "/v1/session")
+            await _exchange(ws, hello, 60)
+            began = time.perf_counter()
+            health = asyncio.create_task(http.get(server.url + "/healthz"))
+            await asyncio.sleep(0)
+            kind, got = await _exchange(ws, frame, 120)
+            reply_s = time.perf_counter() - began
+            (await health).release()
+            await ws.close()
+            return kind, got, reply_s, time.perf_counter() - began
+
+    try:
+        before = _vm_hwm(server.proc.pid)
+        kind, got, reply_s, health_s = asyncio.run(go())
+        after = _vm_hwm(server.proc.pid)
+    finally:
+        server.stop()
+    legit = n * hidden * 4  # the largest hidden state such a Run may carry, as float32
+    row = {"bundle": b.model_id, "frame_bytes": len(frame), "declared_shape": [n * hidden, 1],
+           "reply": getattr(got, "code", type(got).__name__), "reply_s": round(reply_s, 2),
+           "healthz_alongside_s": round(health_s, 2), "server_rss_before_bytes": before,
+           "server_rss_after_bytes": after, "legit_tensor_bytes": legit}
+    findings = []
+    if after - before > limit * legit:
+        findings.append(Finding("amplification", "live server", f"a {len(frame)}-byte Run frame raised the server's "
+                                f"peak RSS by {(after - before) / 2**20:.0f} MiB (> {limit:g} x the {legit / 2**20:.1f} MiB "
+                                f"of the largest legal hidden state); /healthz waited {health_s:.2f} s", frame))
+    return row, findings
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def print_tally(t: Tally) -> None:
+    rate = t.cases / t.seconds if t.seconds else 0.0
+    print(f"\n== {t.where}: {t.cases} cases in {t.seconds:.1f} s ({rate:,.0f}/s), slowest {t.max_case_ms:.1f} ms"
+          + (" [stopped at --max-seconds]" if t.stopped_early else ""))
+    print(f"  {'outcome (exception class or ok:<type>)':44} {'count':>8}")
+    for name, n in t.outcomes.most_common():
+        print(f"  {name:44} {n:8}")
+    print(f"  {'error code':44} {'count':>8}")
+    for code, n in t.codes.most_common():
+        print(f"  {code:44} {n:8}")
+    print("  strategies: " + ", ".join(f"{k} {v}" for k, v in sorted(t.strategies.items())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--frames", type=int, default=100_000, help="cases for wire.unpack (default 100000)")
+    p.add_argument("--payloads", type=int, default=100_000, help="cases for codec.decode (default 100000)")
+    p.add_argument("--live-frames", type=int, default=2000, help="garbage frames sent to a live server (0: skip)")
+    p.add_argument("--plan-requests", type=int, default=300, help="odd POST /v1/plan bodies in the live phase")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=600.0, help="stop every phase by then (default 600)")
+    p.add_argument("--amplification-limit", type=float, default=16.0,
+                   help="largest allowed decode peak / (tensor + payload) bytes (default 16)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle for the live phase (default: export a "
+                   "tiny 2-layer llama to a temp dir)")
+    p.add_argument("--bomb", action="store_true", help="also send one maximal block-codec Run to a server on "
+                   "--bomb-bundle and measure its peak RSS (allocates ~2.4 GiB with SmolLM2)")
+    p.add_argument("--bomb-bundle", type=Path, default=Path(__file__).resolve().parents[1] / "bundles" / "smollm2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    start = time.monotonic()
+    deadline = start + args.max_seconds
+    share = lambda f: start + f * args.max_seconds  # noqa: E731 - time budget per offline phase
+    frames = fuzz_frames(args.frames, args.seed, min(deadline, share(0.35)))
+    payloads = fuzz_payloads(args.payloads, args.seed, min(deadline, share(0.7)))
+    table, amp = amplification(args.amplification_limit)
+    for t in (frames, payloads):
+        print_tally(t)
+    print(f"\n== codec.decode peak memory / (tensor + payload), limit {args.amplification_limit:g}x")
+    print(f"  {'codec':22} {'shape':>12} {'payload B':>10} {'peak MiB':>9} {'ratio':>7}")
+    for row in sorted(table, key=lambda r: -r["ratio"])[:12]:
+        print(f"  {row['codec']:22} {str(row['shape']):>12} {row['payload_bytes']:10} "
+              f"{row['peak_bytes'] / 2**20:9.2f} {row['ratio']:7.1f}")
+    live, extra = Live(), {}
+    if args.live_frames > 0 and time.monotonic() < deadline:
+        live, extra = run_live(args.bundle, args.live_frames, args.seed, deadline, args.plan_requests)
+        print(f"\n== live: {live.frames} frames on {live.connections} connections; good client "
+              f"{live.rounds} rounds, {live.tokens} tokens")
+        print(f"  {'server reply':44} {'count':>8}")
+        for name, n in live.replies.most_common():
+            print(f"  {name:44} {n:8}")
+    bomb, bomb_findings = {}, []
+    if args.bomb and time.monotonic() < deadline:
+        bomb, bomb_findings = server_bomb(args.bomb_bundle, args.amplification_limit)
+        print(f"\n== server decode amplification ({bomb['bundle']})")
+        for key, value in bomb.items():
+            print(f"  {key:28} {value}")
+    findings = [*frames.findings.values(), *payloads.findings.values(), *amp.findings.values(), *live.findings,
+                *bomb_findings]
+    print(f"\n== findings: {len(findings)}")
+    for f in findings:
+        print(f.show())
+    summary = {
+        "cases": frames.cases + payloads.cases + amp.cases + live.frames, "findings": len(findings),
+        "frame_cases": frames.cases, "payload_cases": payloads.cases, "amplification_cases": amp.cases,
+        "live_frames": live.frames, "live_connections": live.connections, "client_rounds": live.rounds,
+        "client_tokens": live.tokens, "frame_codes": dict(frames.codes), "payload_codes": dict(payloads.codes),
+        "live_replies": dict(live.replies), "max_amplification": max(r["ratio"] for r in table),
+        "finding_kinds": dict(Counter(f.kind for f in findings)), "seconds": round(time.monotonic() - start, 1),
+        "seed": args.seed, **extra, **({"bomb": bomb} if bomb else {}),
+    }
+    print(json.dumps(summary))
+    return 1 if findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
