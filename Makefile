@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) examples/demo.py
+	$(PY) examples/chatbot.py --once "What is the capital of France?" --once "Name two famous museums there."
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

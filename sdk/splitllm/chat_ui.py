@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from splitllm import codec as codecs
@@ -16,26 +17,48 @@ from splitllm.errors import ConfigError, SplitLLMError
 HELP = "commands: /split K  /codec NAME  /reset  /quit"
 
 
+def describe_placement(sides: tuple[str, ...]) -> str:
+    """'layers 0-9 here, 10-29 on the server' for the decoder layers of a placement."""
+    layers = sides[1:-1]
+    here = [i for i, side in enumerate(layers) if side == "client"]
+    if len(here) == len(layers):
+        return f"all {len(layers)} layers here"
+    if not here:
+        return "all layers on the server"
+    runs: list[str] = []
+    start = prev = here[0]
+    for i in here[1:] + [None]:
+        if i is None or i != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            if i is not None:
+                start = i
+        if i is not None:
+            prev = i
+    head = "head here" if sides[-1] == "client" else "head on the server"
+    return f"layers {', '.join(runs)} here, the rest on the server, {head}"
+
+
+def offload_share(client: SplitClient) -> float:
+    """Share of a decode step's FLOPs that run on this device (kept off the server)."""
+    units = client.bundle.cost.get("units", [])
+    flops = [float(u.get("flops_per_token_decode", 0)) for u in units]
+    if len(flops) != len(client.placement.sides) or not sum(flops):
+        flops = [1.0] * len(client.placement.sides)
+    here = sum(f for f, side in zip(flops, client.placement.sides, strict=True) if side == "client")
+    return here / sum(flops)
+
+
 def status_line(client: SplitClient) -> str:
     """Placement, link and speed after a reply, in one line."""
     stats = client.last_stats
-    num_layers = client.bundle.num_layers
-    if client.local:
-        where = f"all {num_layers} layers here"
-        offload = 1.0
-    else:
-        here = sum(1 for side in client.placement.sides[1:-1] if side == "client")
-        where = f"layers 0-{here - 1} here, {here}-{num_layers - 1} on the server" if here else "all layers on the server"
-        offload = here / num_layers
-    parts = [f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s", where,
-             f"{offload:.0%} of the layers kept off the server", f"codec {client.codec}"]
+    parts = [f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s", describe_placement(client.placement.sides),
+             f"{offload_share(client):.0%} of the work kept off the server", f"codec {client.codec}"]
     link = client.link
     if link is not None and link.requests:
         if link.rtt_ms_ewma is not None:
-            parts.append(f"rtt {link.rtt_ms_ewma:.1f} ms")
-        wall_s = link.round_trip_ms / 1e3
-        if wall_s > 0:
-            parts.append(f"{(link.bytes_up + link.bytes_down) * 8 / wall_s / 1e6:.1f} Mbit/s used")
+            parts.append(f"rtt {link.rtt_floor_ms:.1f} ms")
+        if link.uplink_bps_ewma:
+            parts.append(f"uplink {link.uplink_bps_ewma / 1e6:.1f} Mbit/s")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -73,18 +96,22 @@ async def run_chat(
     client: SplitClient,
     sampling: dict[str, Any],
     *,
-    once: str | None = None,
+    once: str | Sequence[str] | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
-    """The interactive loop (or a single answer with ``once``)."""
+    """The interactive loop, or the turns in ``once`` (one message or several) and exit."""
     loop = asyncio.get_running_loop()
+    script = None if once is None else [once] if isinstance(once, str) else list(once)
     async with client:
         chat = client.chat()
-        if once is None:
+        if script is None:
             print(f"SplitLLM chat with {client.bundle.model_id}. {HELP}", file=out, flush=True)
         while True:
-            if once is not None:
-                line = once
+            if script is not None:
+                if not script:
+                    break
+                line = script.pop(0)
+                print(f"you> {line}", file=out, flush=True)
             else:
                 try:
                     line = (await loop.run_in_executor(None, input, "you> ")).strip()
@@ -102,11 +129,9 @@ async def run_chat(
                     print(piece.text, end="", file=out, flush=True)
             except SplitLLMError as exc:
                 print(f"\n(error: {exc})", file=out, flush=True)
-                if once is not None:
+                if script is not None:
                     return 1
                 continue
             print(file=out)
             print(status_line(client), file=out, flush=True)
-            if once is not None:
-                break
     return 0

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
     chat = sub.add_parser("chat", help="an interactive chat through the split")
     _client_args(chat)
-    chat.add_argument("--once", default=None, metavar="PROMPT", help="answer one message and exit")
+    chat.add_argument("--once", action="append", default=None, metavar="PROMPT",
+                      help="answer this message (repeat for more turns) and exit")
     chat.set_defaults(func=_cmd_chat)
     prof = sub.add_parser("profile", help="time every unit on this device (cached) for the planner")
     prof.add_argument("--bundle", required=True)

@@ -1,0 +1,105 @@
+"""A terminal chat through a split: the first layers here, the rest on a SplitLLM server.
+
+    python examples/chatbot.py                       # built-in SmolLM2, starts a local server
+    python examples/chatbot.py --server http://HOST:8765 --bundle bundles/smollm2
+    python examples/chatbot.py --once "Hi!" --once "And then?"   # scripted turns, then exit
+
+Streams tokens as they come and, after each reply, shows where the layers ran, tokens/s, the
+share of the work kept off the server, the codec, and the measured RTT and uplink. Commands:
+/split K, /codec NAME, /reset, /quit. With --sla-token-ms the planner picks the split.
+`make demo` runs this with two scripted turns against a local server on the built-in model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from splitllm.bundle import MANIFEST
+from splitllm.chat_ui import run_chat
+from splitllm.client import SplitClient
+from splitllm.errors import SplitLLMError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_bundle(path: Path) -> None:
+    """Export the built-in model to ``path`` unless a bundle is already there."""
+    if (path / MANIFEST).is_file():
+        return
+    print(f"exporting the built-in SmolLM2-135M-Instruct to {path} (about a minute, once) ...", flush=True)
+    from splitllm_export.cli import main as export_main
+
+    if export_main(["--builtin", "smollm2", "-o", str(path), "--force"]) != 0:
+        raise SystemExit("export failed")
+
+
+def start_server(bundle: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen[str], str]:
+    """A splitllm-server subprocess on a free loopback port; returns it and its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitllm_server.cli", "--bundle", str(bundle), "--port", "0", "--no-spinning"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while proc.stdout is not None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("listening on "):
+            return proc, line.split()[-1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+async def chat(args: argparse.Namespace, url: str) -> int:
+    client = SplitClient(args.bundle, url, split=args.split, codec=args.codec, token=args.token)
+    if args.sla_token_ms:
+        await client.connect()
+        await client.plan(ttft_ms=args.sla_ttft_ms, token_ms=args.sla_token_ms)
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    return await run_chat(client, sampling, once=args.once)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default=str(REPO / "bundles" / "smollm2"))
+    parser.add_argument("--server", default=None, help="server URL (default: start a local server)")
+    parser.add_argument("--token", default=None)
+    parser.add_argument("--split", type=int, default=None, help="layers on this device (default: a third)")
+    parser.add_argument("--codec", default="int8-block64")
+    parser.add_argument("--once", action="append", default=None, metavar="PROMPT",
+                        help="answer this message (repeat for more turns), then exit")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sla-token-ms", type=float, default=None, help="per-token SLA: let the planner split")
+    parser.add_argument("--sla-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLA (with --sla-token-ms)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = None
+    try:
+        url = args.server
+        if url is None:
+            ensure_bundle(Path(args.bundle))
+            print("starting a local splitllm-server ...", flush=True)
+            proc, url = start_server(Path(args.bundle))
+            print(f"server at {url}", flush=True)
+        return asyncio.run(chat(args, url))
+    except SplitLLMError as exc:
+        print(f"chatbot: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The example chatbot, driven in a real pseudo-terminal as a person would use it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server_url(tiny_export):
+    path, _ = tiny_export("llama", layers=3)
+    proc = subprocess.Popen([sys.executable, "-m", "splitllm_server.cli", "--bundle", str(path), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    yield path, line.split()[-1]
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_interactive_chat_in_a_terminal(server_url):
+    path, url = server_url
+    child = pexpect.spawn(sys.executable, [str(REPO / "examples" / "chatbot.py"), "--bundle", str(path),
+                                           "--server", url, "--split", "2", "--max-new-tokens", "8"],
+                          encoding="utf-8", timeout=60, dimensions=(40, 200))
+    try:
+        child.expect("commands: /split K")
+        child.expect("you> ")
+        child.sendline("Hello there")
+        child.expect("bot> ")
+        child.expect(r"\[\d+ tokens, [\d.]+ tok/s, layers 0-1 here, the rest on the server")
+        child.expect(r"of the work kept off the server, codec int8-block64, rtt [\d.]+ ms")
+        child.expect("you> ")
+        child.sendline("/split 1")
+        child.expect(r"\(split 1: layers 0-0 run here\)")
+        child.sendline("/codec fp16")
+        child.expect(r"\(codec fp16\)")
+        child.sendline("/codec nope")
+        child.expect("unknown codec")
+        child.sendline("And then?")
+        child.expect(r"layers 0 here, the rest on the server")
+        child.expect("codec fp16")
+        child.sendline("/reset")
+        child.expect(r"\(conversation cleared\)")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_scripted_turns_and_the_cli_chat(server_url):
+    path, url = server_url
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "chatbot.py"), "--bundle", str(path), "--server", url,
+                        "--max-new-tokens", "6", "--once", "Hi", "--once", "Again"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("bot> ") == 2 and r.stdout.count("tok/s") == 2
+    r = subprocess.run([sys.executable, "-m", "splitllm.cli", "chat", "--bundle", str(path), "--server", url,
+                        "--split", "1", "--max-new-tokens", "4", "--once", "Hi"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "bot> " in r.stdout and "layers 0 here" in r.stdout
