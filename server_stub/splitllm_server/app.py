@@ -75,6 +75,13 @@ async def session_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def _warm(engine: Engine, bundle: Bundle, splits: tuple[int, ...]) -> None:
+    for split in splits:
+        if 0 <= split <= bundle.num_layers:
+            start, end = bundle.split_range(split, "server")
+            await engine.warm_up(start, end, True)
+
+
 async def _reap_idle(app: web.Application) -> None:
     """Close connections whose session has been idle longer than the TTL (their KV is freed)."""
     state = app[STATE]
@@ -102,7 +109,12 @@ def create_app(config: ServerConfig) -> web.Application:
         engine = Engine(bundle, cache_size=config.segment_cache, options=options)
         app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
         reaper = asyncio.create_task(_reap_idle(app))
+        # Load the suffix of the split clients use by default before the first one asks, so
+        # its first token does not wait for a session to be built.
+        splits = config.warm_splits if config.warm_splits is not None else (bundle.num_layers // 3,)
+        warm = asyncio.create_task(_warm(engine, bundle, splits))
         yield
+        warm.cancel()
         reaper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reaper

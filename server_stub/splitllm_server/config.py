@@ -32,6 +32,7 @@ class ServerConfig:
     idle_ttl_s: float = 600.0
     max_new_tokens: int = 4096
     max_steps_per_s: float = 1000.0
+    warm_splits: tuple[int, ...] | None = None  # suffixes to load at start (default: the SDK's default split)
     certfile: Path | None = None
     keyfile: Path | None = None
     segment_cache: int = 4
