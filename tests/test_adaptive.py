@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from helpers import chat_ids
 
 from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
@@ -12,9 +13,9 @@ from splitllm.profile import Profile, load_or_measure, measure
 from splitllm_export.validate import reference_run
 
 
-def _ids(source, text="Explain the tides."):
-    return source.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                add_generation_prompt=True)
+def _ids(source, text: str = "Explain the tides.") -> list[int]:
+    return chat_ids(source, text)
+
 
 
 def _slow_device(bundle: Bundle) -> Profile:

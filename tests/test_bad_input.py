@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 
 import aiohttp
 import numpy as np
 import pytest
+from helpers import chat_ids, free_port
 
 from splitllm import codec as codecs
 from splitllm import errors, wire
@@ -19,20 +19,14 @@ from splitllm.client import SplitClient
 from splitllm_export.validate import reference_run
 
 
-def _ids(source, text="Tell me a story."):
-    return source.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                add_generation_prompt=True)
+def _ids(source, text: str = "Tell me a story.") -> list[int]:
+    return chat_ids(source, text)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_server_down_names_the_url(tiny_export):
     path, _ = tiny_export("llama", layers=3)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(errors.ServerUnavailable, match=url.replace(".", r"\.")):
         async with SplitClient(path, url, split=1):
             pass

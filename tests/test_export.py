@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chat_ids
 
 from splitllm import errors
 from splitllm.bundle import MANIFEST, Bundle
@@ -21,17 +22,16 @@ from splitllm_export.validate import reference_run, run_split
 NEW_TOKENS = 16
 
 
-def _prompt_ids(source, text: str = "Tell me about the sea.") -> list[int]:
-    return source.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
-    )
+def _ids(source, text: str = "Tell me about the sea.") -> list[int]:
+    return chat_ids(source, text)
+
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_tiny_models_match_transformers_at_every_split(tiny_export, family):
     path, source = tiny_export(family, layers=3)
     bundle = Bundle.open(path)
-    ids = _prompt_ids(source)
+    ids = _ids(source)
     ref = reference_run(source.model, ids, NEW_TOKENS - 1)
     # reference_run is greedy decoding with a KV cache: it must agree with generate() itself.
     import torch
@@ -48,7 +48,7 @@ def test_tiny_models_match_transformers_at_every_split(tiny_export, family):
 @pytest.mark.smollm
 def test_smollm2_splits_match_transformers(smollm2_bundle, smollm2_source):
     bundle = Bundle.open(smollm2_bundle)
-    ids = _prompt_ids(smollm2_source, "Name three colours of the rainbow.")
+    ids = _ids(smollm2_source, "Name three colours of the rainbow.")
     ref = reference_run(smollm2_source.model, ids, NEW_TOKENS - 1)
     assert len(ref.tokens) >= NEW_TOKENS
     for split in (0, 1, 15, 29, 30):
@@ -78,7 +78,7 @@ def test_smollm2_manifest_records_validation_and_costs(smollm2_bundle):
 def test_any_contiguous_ranges_chain_to_the_reference(tiny_export):
     path, source = tiny_export("llama", layers=4)
     bundle = Bundle.open(path)
-    ids = _prompt_ids(source)
+    ids = _ids(source)
     ref = reference_run(source.model, ids, 5)
     # client: embed + layer 0, server: layers 1-2, client: layer 3 + head (two switches)
     ranges = [(0, 2), (2, 4), (4, 6)]

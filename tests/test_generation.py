@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import chat_ids
 
 from splitllm.client import SplitClient
 from splitllm.sampling import SamplingParams
@@ -13,9 +14,9 @@ from splitllm_export.validate import reference_run
 NEW_TOKENS = 32
 
 
-def _ids(source, text="Tell me a story about a robot."):
-    return source.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                add_generation_prompt=True)
+def _ids(source, text: str = "Tell me a story about a robot.") -> list[int]:
+    return chat_ids(source, text)
+
 
 
 async def _generate(client: SplitClient, ids, n=NEW_TOKENS, **kw) -> list[int]:

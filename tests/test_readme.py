@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,11 +18,6 @@ def _blocks(language: str) -> list[str]:
     text = (REPO / "README.md").read_text()
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _quickstart() -> list[str]:
@@ -41,7 +36,7 @@ def _bin(name: str) -> str:
 
 @pytest.mark.smollm
 def test_readme_quickstart_and_python_snippet_run(tmp_path, smollm2_bundle):
-    port = _free_port()
+    port = free_port()
     exported = tmp_path / "smollm2"
     server = None
     try:

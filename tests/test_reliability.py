@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 
 import aiohttp
 import pytest
+from helpers import chat_ids, free_port
 
 from splitllm import errors, wire
 from splitllm.bundle import Bundle
@@ -21,15 +21,10 @@ from splitllm_export.validate import reference_run
 TOKENS = 32
 
 
-def _ids(source, text="Tell me about rivers."):
-    return source.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                add_generation_prompt=True)
 
+def _ids(source, text: str = "Tell me about rivers.") -> list[int]:
+    return chat_ids(source, text)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(path, port: int, *extra: str) -> subprocess.Popen:
@@ -52,7 +47,7 @@ async def test_server_killed_mid_stream_is_replaced_and_the_text_is_identical(ti
     path, source = tiny_export("llama", layers=3)
     ids = _ids(source)
     ref = reference_run(source.model, ids, TOKENS - 1).tokens
-    port = _free_port()
+    port = free_port()
     proc = _spawn(path, port)
     replacement = None
     try:
@@ -78,7 +73,7 @@ async def test_no_server_comes_back_then_the_device_carries_on_or_raises(tiny_ex
     ids = _ids(source)
     ref = reference_run(source.model, ids, TOKENS - 1).tokens
     for fallback in (True, False):
-        port = _free_port()
+        port = free_port()
         proc = _spawn(path, port)
         try:
             async with SplitClient(path, f"http://127.0.0.1:{port}", split=2, codec="fp32",
@@ -197,7 +192,7 @@ async def test_tls_with_a_self_signed_certificate(tiny_export, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
                     str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     proc = _spawn(path, port, "--certfile", str(cert), "--keyfile", str(key), "--token", "t0k")
     try:
         url = f"https://127.0.0.1:{port}"

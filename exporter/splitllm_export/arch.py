@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitllm.bundle import ModelShapes
 from splitllm.errors import UnsupportedArchitecture
 
 
@@ -175,18 +176,8 @@ class _GPT2Head(nn.Module):
 # ----------------------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """The dimensions the bundle and the SDK need, read from a transformers config."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    max_context: int
+# The exporter reads the same dimensions the bundle records and the SDK uses.
+Shapes = ModelShapes
 
 
 @dataclass(frozen=True)
