@@ -242,3 +242,23 @@ def test_sdk_import_and_bundle_open_do_not_load_torch(tiny_export):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "heavy: []" in r.stdout
+
+
+def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "splitllm_export.cli", "--tiny", "llama", "--layers", "2", "-q",
+             "-o", str(small / "b")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert r.returncode == 1
+        assert "cannot write the bundle" in r.stderr and "No space left" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
