@@ -13,6 +13,7 @@ from splitllm.profile import Profile
 __all__ = ["PolicyFollower"]
 
 _DEFAULT_UPLINK_BPS = 100e6  # before anything was measured
+_MIN_PLANNED_PROMPT = 16  # prompts shorter than this do not get a prefill plan of their own
 
 
 class PolicyFollower:
@@ -53,12 +54,19 @@ class PolicyFollower:
         """The sides the policy gives this phase at the measured uplink (re-planning when needed)."""
         if self.policies is None:
             await self.refresh(remote, codec, tokens if phase == "prefill" else self._prompt_tokens)
-        uplink = remote.stats.uplink_bps_ewma or _DEFAULT_UPLINK_BPS
         stale = time.monotonic() - self._fetched_at > self._valid_s
-        resized = phase == "prefill" and not 0.5 <= tokens / self._prompt_tokens <= 2.0
+        if stale:
+            # Decode frames are too small to measure the uplink from: probe before re-planning.
+            await remote.probe()
+        uplink = remote.stats.uplink_bps_ewma or _DEFAULT_UPLINK_BPS
+        # A short prefill (a chat turn's few new tokens) costs little whatever the plan: it
+        # neither triggers a re-plan nor becomes the length the next plan is made for.
+        resized = (phase == "prefill" and tokens >= _MIN_PLANNED_PROMPT
+                   and not 0.5 <= tokens / self._prompt_tokens <= 2.0)
         plan = self.policies[phase].plan_for(uplink)
         if stale or resized or plan is None:
-            await self.refresh(remote, codec, tokens if phase == "prefill" else self._prompt_tokens)
+            planned = tokens if phase == "prefill" and tokens >= _MIN_PLANNED_PROMPT else self._prompt_tokens
+            await self.refresh(remote, codec, planned)
             plan = self.policies[phase].plan_for(uplink)
         ranges = self.policies[phase].ranges
         if plan is None and ranges:  # still outside the new table: use its nearest end

@@ -55,7 +55,14 @@ class LinkStats:
             self.observe_uplink(up * 8 / (transfer_ms / 1e3))
 
     def observe_uplink(self, bps: float) -> None:
-        self.uplink_bps_ewma = bps if self.uplink_bps_ewma is None else 0.7 * self.uplink_bps_ewma + 0.3 * bps
+        """Average seconds per bit, not bits per second: one jittery sample that looks
+        instantaneous must not drag the estimate to an absurd bandwidth."""
+        if not bps > 0:
+            return
+        if self.uplink_bps_ewma is None:
+            self.uplink_bps_ewma = bps
+        else:
+            self.uplink_bps_ewma = 1.0 / (0.7 / self.uplink_bps_ewma + 0.3 / bps)
 
 
 class Remote:
@@ -178,7 +185,14 @@ class Remote:
                 raise FrameError(f"expected Pong, got {type(reply).__name__}")
             times.append((time.perf_counter() - started) * 1e3)
         rtt_ms = min(times[0], times[2])
-        transfer_ms = max(min(times[1], times[3]) - rtt_ms, 0.01)
+        jitter_ms = abs(times[0] - times[2])
+        transfer_ms = min(times[1], times[3]) - rtt_ms
+        if transfer_ms <= max(jitter_ms, 0.05):
+            # The padded pings were not measurably slower: the link is faster than this probe can
+            # tell. Use the bound the jitter allows instead of dividing by noise.
+            bound = pad_bytes * 8 / (max(jitter_ms, 0.05) / 1e3)
+            self.stats.observe_uplink(bound)
+            return rtt_ms, bound
         uplink = pad_bytes * 8 / (transfer_ms / 1e3)
         self.stats.observe_uplink(uplink)
         return rtt_ms, uplink

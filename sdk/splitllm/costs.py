@@ -82,11 +82,14 @@ def build_policies(
     rtt_ms: float,
     sla: PhaseSLA,
     grid: Sequence[float] | None = None,
+    work_per_token: Sequence[float] | None = None,
 ) -> dict[str, Policy]:
     """Prefill and decode policies: the DP's placement for each uplink range.
 
-    Server time is the measured time scaled by ``load_factor`` (queueing on a busy server);
-    server work, the quantity minimised, is the unscaled time.
+    Server time is the measured time scaled by ``load_factor`` (queueing on a busy server).
+    Server work, the quantity minimised, is ``work_per_token`` (e.g. the bundle's FLOPs per unit)
+    times the positions run when given, so identical layers cost the same and measurement noise
+    cannot steer the choice between them; otherwise the unscaled measured time.
     """
     grid = list(grid or bandwidth_grid())
     policies = {}
@@ -94,8 +97,9 @@ def build_policies(
         ("prefill", client_prefill_ms, server_prefill_ms, prompt_tokens, sla.ttft_ms),
         ("decode", client_decode_ms, server_decode_ms, 1, sla.token_ms),
     ):
+        work = server if work_per_token is None else [w * tokens for w in work_per_token]
         problem = build_problem(
-            client_ms=client, server_ms=[ms * load_factor for ms in server], server_work=server,
+            client_ms=client, server_ms=[ms * load_factor for ms in server], server_work=work,
             hidden_size=hidden_size, tokens=tokens, codec=codec, uplink_bps=uplink_bps,
             downlink_bps=downlink_bps, rtt_ms=rtt_ms, sla_ms=sla_ms,
         )

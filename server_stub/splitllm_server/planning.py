@@ -36,6 +36,14 @@ def _number(body: dict[str, Any], key: str, *, positive: bool = True, default: f
     return value
 
 
+def _gflops_per_token(bundle) -> list[float] | None:  # noqa: ANN001 - Bundle
+    """Server work per unit and position from the bundle's cost table (GFLOP), if it has one."""
+    units = bundle.cost.get("units", [])
+    if len(units) != bundle.num_units:
+        return None
+    return [float(u.get("flops_per_token_decode", 0)) / 1e9 for u in units]
+
+
 async def server_profile(state) -> Profile:  # noqa: ANN001 - ServerState
     """Measure (once, on the ORT worker) or load this server's per-unit profile."""
     if state.profile is None:
@@ -95,6 +103,7 @@ async def plan_route(request: web.Request) -> web.Response:
             # A table around the client's measured uplink: 100x either way, so it only has to
             # ask again after a large change.
             grid=bandwidth_grid(req["uplink_bps"] / 100, req["uplink_bps"] * 100),
+            work_per_token=_gflops_per_token(state.bundle),
         ))
     except SplitLLMError as exc:
         state.metrics.count_error(exc.code)
