@@ -20,32 +20,56 @@ Payload layout (integers little-endian)::
     12+4*n   4       body length in bytes, uint32
     16+4*n   ...     body: the codec's raw body, or a zstd frame of it
 
-Codec ids: 1 fp32, 2 fp16, 10/11/12 int8-block32/64/128, 20 int6-block64, 30 int4-block64.
-Each codec also exists as "<name>+zstd": same id, flag bit 0 set.
+A (1, 1, 576) decode step therefore carries 28 header bytes whatever the codec.
 
-Block codecs ``int{b}-block{n}`` cut the last axis of every row into blocks of n values (the
-last block zero-padded; the shape says how much to drop) and store one float16 scale per block
-(row-major), then the codes of the unpadded values, b bits each, packed MSB-first into one bit
-stream (zero bits fill the last byte). Code u means (u - qmax) * scale with qmax = 2**(b-1) - 1,
-so the range is symmetric and the all-ones code is invalid. Scales are rounded *up* to float16,
-hence |error| <= scale / 2 for every value and no code is ever clipped.
+Codec ids (each codec also exists as "<name>+zstd": same id, flag bit 0 set)::
+
+    1   fp32                  IEEE float32, the lossless reference
+    2   fp16                  IEEE float16
+    10  int8-block32          symmetric int-b codes, one float16 scale per block of n values
+    11  int8-block64          of a row (splitllm._codec_scalar)
+    12  int8-block128
+    20  int6-block64
+    25  int5-block64
+    30  int4-block64
+    40  hadamard-int6-block64     the same on rows rotated by a fixed random-sign block
+    41  hadamard-int5-block64     Hadamard transform (splitllm._codec_rotate)
+    42  hadamard-int4-block64
+    50  int4-block64-o2           the two largest values of every row kept as float16,
+    51  hadamard-int5-block64-o2  the rest coded as above
+    52  hadamard-int4-block64-o2
+    60  ec4     rotated rows, two float16 outliers, uniform steps, static Huffman codes,
+    61  ec4.5   exactly ceil(b * H / 8) body bytes per row of H values: the encoder picks the
+    62  ec5     finest step that fits (splitllm._codec_entropy). ec5 on a decode step of
+    63  ec5.5   SmolLM2 is 388 bytes, 6.01x fewer than fp32's 2,332, header included
+    64  ec6
+    65  ec7
+
+Every codec takes any float tensor of 0..8 dims; rows are the last axis (rotated codecs take
+rows of at most 2**18 values, ec codecs 2**16). Which codec keeps which quality is measured by
+``benchmarks/codec_frontier.py`` (teacher-forced top-1 agreement and perplexity change on real
+text at several splits).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import struct
-import threading
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-
 import numpy as np
-import zstandard
 
-from splitllm.errors import CodecError, ConfigError, SplitLLMError, UnknownCodec
+from splitllm._codec_base import (
+    DEFAULT_MAX_ELEMENTS,
+    FORMAT_VERSION,
+    MAGIC,
+    Codec,
+    PayloadHeader,
+    decode_payload,
+    lookup,
+    parse,
+    register,
+    registered,
+)
+from splitllm._codec_entropy import EntropyCodec
+from splitllm._codec_rotate import RotatedIntCodec
+from splitllm._codec_scalar import FloatCodec, IntBlockCodec
 
 __all__ = [
     "CODECS",
@@ -53,9 +77,11 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "Codec",
+    "EntropyCodec",
     "FloatCodec",
     "IntBlockCodec",
     "PayloadHeader",
+    "RotatedIntCodec",
     "codec_names",
     "decode",
     "encode",
@@ -63,262 +89,24 @@ __all__ = [
     "read_header",
 ]
 
-MAGIC = b"SLA1"
-FORMAT_VERSION = 1
-MAX_NDIM = 8
-DEFAULT_MAX_ELEMENTS = 64 * 2**20
-ZSTD_LEVEL = 3
+register(FloatCodec(32, 1))
+register(FloatCodec(16, 2))
+register(IntBlockCodec(8, 32, 10))
+register(IntBlockCodec(8, 64, 11))
+register(IntBlockCodec(8, 128, 12))
+register(IntBlockCodec(6, 64, 20))
+register(IntBlockCodec(5, 64, 25))
+register(IntBlockCodec(4, 64, 30))
+register(RotatedIntCodec(6, 64, 40))
+register(RotatedIntCodec(5, 64, 41))
+register(RotatedIntCodec(4, 64, 42))
+register(RotatedIntCodec(4, 64, 50, rotated=False, outliers=2))
+register(RotatedIntCodec(5, 64, 51, outliers=2))
+register(RotatedIntCodec(4, 64, 52, outliers=2))
+for _codec_id, _bits in ((60, 4.0), (61, 4.5), (62, 5.0), (63, 5.5), (64, 6.0), (65, 7.0)):
+    register(EntropyCodec(_bits, _codec_id))
 
-_FLAG_ZSTD = 0x01
-_FIXED = struct.Struct("<4sBBBBB3s")  # magic, version, codec id, flags, dtype, ndim, reserved
-_TAIL = tuple(struct.Struct(f"<{n}II") for n in range(MAX_NDIM + 1))  # shape..., body length
-_U32_MAX = 2**32 - 1
-_F16_MAX = float(np.finfo(np.float16).max)
-_DTYPE_BY_SIZE = {4: 1, 2: 2, 8: 3}  # itemsize of a float dtype -> wire dtype code
-_DTYPE_NAMES = {1: "float32", 2: "float16", 3: "float64"}
-_tls = threading.local()  # zstd contexts are not thread-safe: one set per thread
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    cache = _tls.__dict__.setdefault("cctx", {})
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cache[level]
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    if "dctx" not in _tls.__dict__:
-        _tls.dctx = zstandard.ZstdDecompressor()
-    return _tls.dctx
-
-
-def _zstd_bound(raw_bytes: int) -> int:
-    """ZSTD_COMPRESSBOUND: the largest frame zstd may write for ``raw_bytes`` of input."""
-    small = ((128 << 10) - raw_bytes) >> 11 if raw_bytes < (128 << 10) else 0
-    return raw_bytes + (raw_bytes >> 8) + small
-
-
-class Codec(ABC):
-    """One wire format for activations.
-
-    A subclass only says how a C-contiguous float32 array becomes a raw body (``_encode_raw``),
-    how many bytes that body has for a shape (``raw_size``) and how to read it back
-    (``_decode_raw``, which must reject values a genuine encoder never writes). Header, zstd,
-    input checks, size limits and error mapping live here, once. Register an instance with
-    :func:`_register` to give it a name and an id on the wire.
-    """
-
-    bits_per_value: float  # nominal bits per tensor value before zstd, scales included
-    lossless: bool  # decode(encode(x)) == x bit for bit for float32 x
-
-    def __init__(self, name: str, codec_id: int, zstd_level: int | None = None) -> None:
-        self._base_name = name
-        self.id = codec_id
-        self.zstd_level = zstd_level
-
-    @property
-    def name(self) -> str:
-        return self._base_name + ("+zstd" if self.zstd_level is not None else "")
-
-    def with_zstd(self, level: int = ZSTD_LEVEL) -> Codec:
-        """The same codec with its body compressed by zstd at ``level``."""
-        twin = copy.copy(self)
-        twin.zstd_level = level
-        return twin
-
-    def __repr__(self) -> str:
-        return f"<Codec {self.name} id={self.id}>"
-
-    @abstractmethod
-    def raw_size(self, shape: tuple[int, ...]) -> int:
-        """Exact body bytes before zstd for a tensor of ``shape``."""
-
-    @abstractmethod
-    def _encode_raw(self, x: np.ndarray) -> bytes:
-        """Body of finite, C-contiguous float32 ``x``; CodecError if x does not fit the format."""
-
-    @abstractmethod
-    def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-        """New float32 array of ``shape`` from a body of exactly ``raw_size(shape)`` bytes."""
-
-    def encoded_size(self, shape: Sequence[int]) -> int:
-        """Bytes of ``encode(x)`` for ``x.shape == shape``, header included.
-
-        Exact without zstd. With zstd it is zstd's worst-case bound (never below the real size,
-        usually a little above the size without zstd), so a latency planner that uses it never
-        underestimates transfer time.
-        """
-        dims = tuple(int(d) if isinstance(d, (int, np.integer)) else -1 for d in shape)
-        if len(dims) > MAX_NDIM or any(not 0 <= d <= _U32_MAX for d in dims):
-            raise ConfigError(
-                f"{self.name}: bad shape {tuple(shape)!r} (at most {MAX_NDIM} dims in [0, 2**32))"
-            )
-        raw = self.raw_size(dims)
-        body = _zstd_bound(raw) if self.zstd_level is not None else raw
-        return _FIXED.size + _TAIL[len(dims)].size + body
-
-    def encode(self, x: np.ndarray) -> bytes:
-        """Self-describing payload of ``x`` (any float dtype, 0..8 dims, finite values).
-
-        Raises CodecError when x is not a float array, has too many dims, holds NaN/inf, or
-        exceeds what the format can represent (e.g. |x| > 65504 for fp16).
-        """
-        if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize not in _DTYPE_BY_SIZE:
-            got = f"dtype {x.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
-            raise CodecError(f"{self.name}: expected a numpy array of float16/32/64, got {got}")
-        if x.ndim > MAX_NDIM or any(d > _U32_MAX for d in x.shape):
-            raise CodecError(f"{self.name}: shape {x.shape} not encodable (at most {MAX_NDIM} dims < 2**32)")
-        with np.errstate(over="ignore") if x.dtype.itemsize == 8 else nullcontext():
-            arr = np.ascontiguousarray(x, dtype=np.float32)  # float64 beyond float32 -> inf: refused
-        if not np.isfinite(arr).all():
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            raise CodecError(f"{self.name}: input has non-finite values ({bad} NaN/inf of {arr.size})")
-        body = self._encode_raw(arr)
-        flags = 0
-        if self.zstd_level is not None:
-            try:
-                body = _compressor(self.zstd_level).compress(body)
-            except zstandard.ZstdError as exc:
-                raise CodecError(f"{self.name}: zstd compression failed: {exc}") from exc
-            flags |= _FLAG_ZSTD
-        if len(body) > _U32_MAX:
-            raise CodecError(f"{self.name}: body of {len(body)} bytes exceeds the 4 GiB format limit")
-        dtype_code = _DTYPE_BY_SIZE[x.dtype.itemsize]
-        fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, self.id, flags, dtype_code, x.ndim, b"\0\0\0")
-        return b"".join((fixed, _TAIL[x.ndim].pack(*x.shape, len(body)), body))
-
-    def decode(self, payload: bytes, *, max_elements: int | None = None) -> np.ndarray:
-        """Like :func:`decode`, and also CodecError if the payload was written by another codec."""
-        return _decode(payload, max_elements, expect=self)
-
-
-class FloatCodec(Codec):
-    """IEEE floats as they are: fp32 is the lossless reference; fp16 halves the bytes and kept
-    every greedy token (FACTS.md), but refuses |x| > 65504 rather than sending inf."""
-
-    def __init__(self, bits: int, codec_id: int, zstd_level: int | None = None) -> None:
-        super().__init__(f"fp{bits}", codec_id, zstd_level)
-        self._wire = np.dtype(f"<f{bits // 8}")
-        self.bits_per_value = float(bits)
-        self.lossless = bits == 32
-
-    def raw_size(self, shape: tuple[int, ...]) -> int:
-        return self._wire.itemsize * math.prod(shape)
-
-    def _encode_raw(self, x: np.ndarray) -> bytes:
-        if self._wire.itemsize < 4:
-            peak = float(np.abs(x).max()) if x.size else 0.0
-            if peak > float(np.finfo(self._wire).max):
-                raise CodecError(f"{self.name}: input value {peak:g} is beyond the {self._wire.name} range")
-        return x.astype(self._wire, copy=False).tobytes()
-
-    def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-        values = np.frombuffer(raw, self._wire, count=math.prod(shape))
-        if not np.isfinite(values).all():
-            raise CodecError(f"{self.name}: body holds NaN/inf, which no encoder writes")
-        return values.astype(np.float32).reshape(shape)
-
-
-def _pack(codes: np.ndarray, bits: int) -> bytes:
-    """(N,) uint8 codes < 2**bits -> ceil(N*bits/8) bytes, MSB-first, zero-padded."""
-    if bits == 8:
-        return codes.tobytes()
-    planes = np.unpackbits((codes << (8 - bits))[:, None], axis=1, count=bits)  # (N, bits)
-    return np.packbits(planes).tobytes()
-
-
-def _unpack(buf: bytes | memoryview, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`_pack`; CodecError if the padding bits are not zero."""
-    packed = np.frombuffer(buf, np.uint8)
-    if bits == 8:
-        return packed
-    stream = np.unpackbits(packed)
-    if stream[count * bits :].any():
-        raise CodecError(f"int{bits} codes: padding bits after the last code are not zero")
-    weights = np.left_shift(np.uint8(1), np.arange(bits - 1, -1, -1, dtype=np.uint8))  # MSB first
-    return stream[: count * bits].reshape(count, bits) @ weights  # (N,) uint8
-
-
-class IntBlockCodec(Codec):
-    """Symmetric ``bits``-bit integers with one float16 scale per ``block`` values of a row."""
-
-    lossless = False
-
-    def __init__(self, bits: int, block: int, codec_id: int, zstd_level: int | None = None) -> None:
-        if not 2 <= bits <= 8 or block < 1:
-            raise ConfigError(f"int block codec needs 2 <= bits <= 8 and block >= 1, got {bits}, {block}")
-        super().__init__(f"int{bits}-block{block}", codec_id, zstd_level)
-        self.bits = bits
-        self.block = block
-        self.qmax = 2 ** (bits - 1) - 1
-        self.bits_per_value = bits + 16 / block
-        self._levels = np.arange(2**bits, dtype=np.float32) - np.float32(self.qmax)
-
-    def _layout(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """(rows, values per row, blocks per row); a 0-d tensor is one row of one value."""
-        rows, cols = (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
-        return rows, cols, -(-cols // self.block)
-
-    def raw_size(self, shape: tuple[int, ...]) -> int:
-        rows, cols, nblocks = self._layout(shape)
-        return 2 * rows * nblocks + (rows * cols * self.bits + 7) // 8
-
-    def _encode_raw(self, x: np.ndarray) -> bytes:
-        rows, cols, nblocks = self._layout(x.shape)
-        width = nblocks * self.block
-        flat = x.reshape(rows, cols)  # (R, C)
-        if width != cols:
-            flat = np.zeros((rows, width), np.float32)
-            flat[:, :cols] = x.reshape(rows, cols)
-        blocks = flat.reshape(rows, nblocks, self.block)  # (R, NB, block)
-        scale = np.abs(blocks).max(axis=-1) / np.float32(self.qmax)  # (R, NB)
-        if scale.size and float(scale.max()) > _F16_MAX:
-            peak = float(scale.max()) * self.qmax
-            raise CodecError(f"{self.name}: input value {peak:g} too large for a float16 block scale")
-        half = scale.astype(np.float16)
-        low = half.astype(np.float32) < scale  # round scales up: then no value needs clipping
-        half[low] = np.nextafter(half[low], np.float16(np.inf))
-        divisor = np.maximum(half.astype(np.float32), np.float32(1e-30))  # zero block: 0 / tiny = 0
-        # |x| / half <= qmax (+ rounding far below 0.5) because half >= scale: no clipping needed
-        q = np.rint(blocks / divisor[..., None])  # (R, NB, block)
-        codes = (q.reshape(rows, width)[:, :cols] + self.qmax).astype(np.uint8)  # (R, C)
-        return half.astype("<f2").tobytes() + _pack(codes.reshape(-1), self.bits)
-
-    def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-        rows, cols, nblocks = self._layout(shape)
-        half = np.frombuffer(raw, "<f2", count=rows * nblocks)
-        if not (half.view("<u2") < 0x7C00).all():  # sign bit clear, exponent not all ones
-            raise CodecError(f"{self.name}: corrupt block scales (NaN, inf or negative)")
-        codes = _unpack(memoryview(raw)[2 * rows * nblocks :], rows * cols, self.bits)
-        if codes.size and int(codes.max()) > 2 * self.qmax:
-            raise CodecError(f"{self.name}: code {int(codes.max())} out of range [0, {2 * self.qmax}]")
-        values = self._levels.take(codes).reshape(rows, cols)  # (R, C) code -> code - qmax
-        per_value = np.repeat(half.astype(np.float32).reshape(rows, nblocks), self.block, axis=1)
-        return (values * per_value[:, :cols]).reshape(shape)
-
-
-_BY_NAME: dict[str, Codec] = {}
-_BY_WIRE: dict[tuple[int, bool], Codec] = {}
-
-
-def _register(codec: Codec) -> None:
-    """Make ``codec`` and its "+zstd" twin known by name and by wire id."""
-    if any(known.id == codec.id for known in _BY_NAME.values()):
-        raise ConfigError(f"codec id {codec.id} registered twice")
-    for variant in (codec, codec.with_zstd()):
-        _BY_NAME[variant.name] = variant
-        _BY_WIRE[(variant.id, variant.zstd_level is not None)] = variant
-
-
-_register(FloatCodec(32, 1))
-_register(FloatCodec(16, 2))
-_register(IntBlockCodec(8, 32, 10))
-_register(IntBlockCodec(8, 64, 11))
-_register(IntBlockCodec(8, 128, 12))
-_register(IntBlockCodec(6, 64, 20))
-_register(IntBlockCodec(4, 64, 30))
-
-CODECS: tuple[str, ...] = tuple(_BY_NAME)
+CODECS: tuple[str, ...] = tuple(c.name for c in registered())
 
 
 def codec_names() -> tuple[str, ...]:
@@ -328,10 +116,7 @@ def codec_names() -> tuple[str, ...]:
 
 def get_codec(name: str) -> Codec:
     """The codec called ``name``; UnknownCodec (listing the known names) otherwise."""
-    try:
-        return _BY_NAME[name]
-    except (KeyError, TypeError):
-        raise UnknownCodec(f"unknown codec {name!r}; known: {', '.join(CODECS)}") from None
+    return lookup(name)
 
 
 def encode(x: np.ndarray, codec: str = "fp32") -> bytes:
@@ -339,102 +124,9 @@ def encode(x: np.ndarray, codec: str = "fp32") -> bytes:
     return get_codec(codec).encode(x)
 
 
-@dataclass(frozen=True)
-class PayloadHeader:
-    """What a payload's header says, checked against its length and the size limit."""
-
-    codec: str
-    shape: tuple[int, ...]
-    dtype: str  # dtype handed to encode; decode always returns float32
-    header_bytes: int
-    body_bytes: int
-
-
-def _parse(payload: bytes, max_elements: int | None) -> tuple[Codec, PayloadHeader, memoryview]:
-    """Validate the header against the payload's real length before anything is allocated."""
-    if max_elements is None:
-        max_elements = DEFAULT_MAX_ELEMENTS
-    if not isinstance(max_elements, int) or isinstance(max_elements, bool) or max_elements < 0:
-        raise ConfigError(f"max_elements must be a non-negative int or None, got {max_elements!r}")
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise CodecError(f"payload must be bytes, got {type(payload).__name__}")
-    buf = memoryview(payload).cast("B")
-    if len(buf) < _FIXED.size:
-        raise CodecError(f"truncated payload: {len(buf)} bytes, the fixed header alone is {_FIXED.size}")
-    magic, version, codec_id, flags, dtype_code, ndim, reserved = _FIXED.unpack_from(buf)
-    if magic != MAGIC:
-        raise CodecError(f"not an activation payload: magic {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise CodecError(f"payload format version {version}; this SDK reads version {FORMAT_VERSION}")
-    if flags & ~_FLAG_ZSTD or reserved != b"\0\0\0":
-        raise CodecError(f"unknown flags {flags:#04x} or nonzero reserved bytes {reserved!r}")
-    codec = _BY_WIRE.get((codec_id, bool(flags & _FLAG_ZSTD)))
-    if codec is None:
-        known = ", ".join(f"{c.id}={c.name}" for c in _BY_NAME.values() if c.zstd_level is None)
-        raise UnknownCodec(f"unknown codec id {codec_id} in payload; known: {known}")
-    if dtype_code not in _DTYPE_NAMES:
-        raise CodecError(f"{codec.name}: unknown dtype code {dtype_code}")
-    if ndim > MAX_NDIM:
-        raise CodecError(f"{codec.name}: header says {ndim} dims, at most {MAX_NDIM} allowed")
-    header_bytes = _FIXED.size + _TAIL[ndim].size
-    if len(buf) < header_bytes:
-        raise CodecError(f"truncated payload: {len(buf)} bytes, a {ndim}-dim header needs {header_bytes}")
-    *dims, body_bytes = _TAIL[ndim].unpack_from(buf, _FIXED.size)
-    shape = tuple(dims)
-    elements = math.prod(shape)
-    if elements > max_elements:
-        raise CodecError(f"{codec.name}: shape {shape} has {elements} elements, limit is {max_elements}")
-    got = len(buf) - header_bytes
-    if got < body_bytes:
-        raise CodecError(f"truncated payload: header says {body_bytes} body bytes, got {got}")
-    if got > body_bytes:
-        raise CodecError(f"trailing bytes: header says {body_bytes} body bytes, got {got}")
-    raw = codec.raw_size(shape)
-    limit = _zstd_bound(raw) if codec.zstd_level is not None else raw
-    if body_bytes > limit or (codec.zstd_level is None and body_bytes != raw):
-        raise CodecError(f"{codec.name}: shape {shape} needs {raw} body bytes, header says {body_bytes}")
-    header = PayloadHeader(codec.name, shape, _DTYPE_NAMES[dtype_code], header_bytes, body_bytes)
-    return codec, header, buf[header_bytes:]
-
-
-def _unzstd(body: memoryview, raw_bytes: int) -> bytes:
-    """Decompress one zstd frame that must declare exactly ``raw_bytes``: no bombs, no trailers."""
-    declared = zstandard.frame_content_size(body)
-    if declared != raw_bytes:
-        raise CodecError(f"zstd frame declares {declared} bytes, the header's shape needs {raw_bytes}")
-    stream = _decompressor().decompressobj()
-    raw = stream.decompress(body)  # libzstd stops at the declared size
-    if not stream.eof or stream.unused_data or len(raw) != raw_bytes:
-        raise CodecError(f"zstd body is not exactly one frame of {raw_bytes} bytes")
-    return raw
-
-
-@contextmanager
-def _at_edge(what: str) -> Iterator[None]:
-    """Re-raise foreign errors (struct, numpy, zstd) as CodecError with the cause chained."""
-    try:
-        yield
-    except SplitLLMError:
-        raise
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"corrupt zstd body: {exc}") from exc
-    except (struct.error, ValueError, TypeError, OverflowError) as exc:
-        raise CodecError(f"cannot {what} activation payload: {exc}") from exc
-
-
 def read_header(payload: bytes, *, max_elements: int | None = None) -> PayloadHeader:
     """Validated header of ``payload`` without decoding the body (e.g. to check H first)."""
-    with _at_edge("read"):
-        return _parse(payload, max_elements)[1]
-
-
-def _decode(payload: bytes, max_elements: int | None, expect: Codec | None) -> np.ndarray:
-    with _at_edge("decode"):
-        codec, header, body = _parse(payload, max_elements)
-        if expect is not None and codec.name != expect.name:
-            raise CodecError(f"payload is encoded with {codec.name}, expected {expect.name}")
-        raw = _unzstd(body, codec.raw_size(header.shape)) if codec.zstd_level is not None else body
-        return codec._decode_raw(raw, header.shape)
+    return parse(payload, max_elements)
 
 
 def decode(payload: bytes, *, max_elements: int | None = None) -> np.ndarray:
@@ -444,4 +136,4 @@ def decode(payload: bytes, *, max_elements: int | None = None) -> np.ndarray:
     known ones), ndim <= 8, element count <= ``max_elements`` (default 64 Mi), exact body length,
     zstd frame size. Raises only splitllm.errors exceptions, never returns non-finite values.
     """
-    return _decode(payload, max_elements, None)
+    return decode_payload(payload, max_elements)

@@ -1,0 +1,138 @@
+"""Static canonical Huffman codes built from integer weights, and MSB-first bit-field I/O.
+
+Why a module of its own: the ``ec`` codecs (splitllm._codec_entropy) need a code that both ends
+build identically on any platform, and numpy-vectorised reading and writing of variable-length
+bit fields over many rows at once. Weights are Python integers, Huffman ties are broken by
+symbol order and codes are canonical (sorted by length, then symbol), so a table is a pure
+function of its weights.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitllm.errors import CodecError, ConfigError
+
+__all__ = ["WINDOW", "BitFields", "HuffmanTable", "binomial_table", "read_field", "windows", "write_fields"]
+
+WINDOW = 32  # bits a decoder looks at per position: the longest code + the longest escape field
+_FLOOR_SHIFT = 12  # every symbol has weight >= 2**-12 of the binomial total: codes stay short
+
+
+@dataclass(frozen=True)
+class HuffmanTable:
+    """One static code: ``lengths``/``codes`` per symbol (index h + A; escape = 2A) and a lookup
+    table from the next ``lut_bits`` stream bits to (symbol, code length)."""
+
+    half: int  # A
+    lengths: np.ndarray  # (2A + 1,) uint8
+    codes: np.ndarray  # (2A + 1,) uint32, canonical
+    lut_bits: int
+    lut_symbol: np.ndarray  # (2**lut_bits,) int32
+    lut_length: np.ndarray  # (2**lut_bits,) uint8
+
+    @property
+    def escape(self) -> int:
+        return 2 * self.half
+
+
+def _huffman_lengths(weights: list[int]) -> list[int]:
+    """Code length per symbol of a Huffman code for integer ``weights`` (deterministic ties)."""
+    heap = [(w, i, (i,)) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    lengths = [0] * len(weights)
+    order = len(weights)
+    while len(heap) > 1:
+        w1, _, a = heapq.heappop(heap)
+        w2, _, b = heapq.heappop(heap)
+        for s in a + b:
+            lengths[s] += 1
+        heapq.heappush(heap, (w1 + w2, order, a + b))
+        order += 1
+    return lengths
+
+
+def binomial_table(n: int) -> HuffmanTable:
+    """The code for symbols h in [-A, A-1] (index h + A) weighted max(C(n, h + A), 2**(n - 12)),
+    plus an escape symbol (index 2A) of weight 2**(n - 12); A = (n + 1) / 2, n odd."""
+    half = (n + 1) // 2
+    floor = 1 << (n - _FLOOR_SHIFT)
+    weights = [max(math.comb(n, k), floor) for k in range(n + 1)] + [floor]
+    lengths = _huffman_lengths(weights)
+    codes, code, prev = [0] * len(weights), 0, 0
+    for sym in sorted(range(len(weights)), key=lambda s: (lengths[s], s)):
+        code <<= lengths[sym] - prev
+        codes[sym], prev = code, lengths[sym]
+        code += 1
+    lut_bits = max(lengths)
+    lut_symbol = np.zeros(1 << lut_bits, np.int32)
+    lut_length = np.zeros(1 << lut_bits, np.uint8)
+    for sym, (c, ln) in enumerate(zip(codes, lengths, strict=True)):
+        lo = c << (lut_bits - ln)
+        lut_symbol[lo : lo + (1 << (lut_bits - ln))] = sym
+        lut_length[lo : lo + (1 << (lut_bits - ln))] = ln
+    if lut_bits > 16 or not lut_length.all():
+        raise ConfigError(f"Huffman table for n={n} is not a complete code of <= 16 bits")
+    return HuffmanTable(half, np.array(lengths, np.uint8), np.array(codes, np.uint32), lut_bits, lut_symbol, lut_length)
+
+
+def write_fields(n_rows: int, row_bits: int, row: np.ndarray, start: np.ndarray, value: np.ndarray,
+                 width: np.ndarray) -> np.ndarray:
+    """Bits (R, row_bits) uint8: field i is the low width[i] <= 32 bits of value[i], MSB first,
+    at bit start[i] of row row[i]. The fields of a row must tile [0, its end) without gaps (the
+    rest of the row stays zero); CodecError otherwise (a bug in the caller, not bad input)."""
+    order = np.lexsort((start, row))
+    row, start, value, width = row[order], start[order], value[order].astype(np.uint64), width[order]
+    aligned = (value << (32 - width).astype(np.uint64)) & np.uint64(2**32 - 1)  # MSB-aligned in 32 bits
+    matrix = np.unpackbits(aligned.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)  # (F, 32)
+    stream = matrix[np.arange(32)[None, :] < width[:, None]]  # every field's bits, in order
+    per_row = np.bincount(row, weights=width, minlength=n_rows).astype(np.int64)  # (R,)
+    first = np.cumsum(per_row) - per_row  # where each row's bits start in the stream
+    if (per_row > row_bits).any() or (start != np.cumsum(width) - width - first[row]).any():
+        raise CodecError("internal error: bit fields overlap, leave gaps or overflow the row")
+    owner = np.repeat(np.arange(n_rows), per_row)
+    bits = np.zeros(n_rows * row_bits, np.uint8)
+    bits[owner * row_bits + np.arange(len(stream)) - first[owner]] = stream
+    return bits.reshape(n_rows, row_bits)
+
+
+def read_field(bits: np.ndarray, start: int, width: int) -> np.ndarray:
+    """Unsigned field of ``width`` bits at the same ``start`` of every row: (R,) int64."""
+    if width == 0:
+        return np.zeros(len(bits), np.int64)
+    weights = np.left_shift(np.int64(1), np.arange(width - 1, -1, -1, dtype=np.int64))
+    return bits[:, start : start + width].astype(np.int64) @ weights
+
+
+def windows(bits: np.ndarray) -> np.ndarray:
+    """(R, W) uint64: the WINDOW bits starting at every bit position (zeros past the row)."""
+    n_rows, row_bits = bits.shape
+    packed = np.packbits(np.concatenate([bits, np.zeros((n_rows, 48), np.uint8)], axis=1), axis=1)
+    wide = np.zeros((n_rows, row_bits // 8 + 1), np.uint64)  # 40 bits from each byte on
+    for i in range(5):
+        wide = (wide << np.uint64(8)) | packed[:, i : i + row_bits // 8 + 1].astype(np.uint64)
+    pos = np.arange(row_bits)
+    shift = (8 - (pos & 7)).astype(np.uint64)
+    return (wide[:, pos >> 3] >> shift) & np.uint64(2**WINDOW - 1)
+
+
+class BitFields:
+    """Fields gathered for :func:`write_fields`; each ``add`` broadcasts its four arguments."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, row: object, start: object, value: object, width: object) -> None:
+        """Fields at (row, bit start) holding the low ``width`` bits of ``value`` (array-likes)."""
+        arrays = np.broadcast_arrays(*(np.asarray(a) for a in (row, start, value, width)))
+        flat = tuple(a.reshape(-1) for a in arrays)
+        self._parts.append(tuple(a.astype(np.int64) for a in flat))  # values < 2**32
+
+    def bits(self, n_rows: int, row_bits: int) -> np.ndarray:
+        """(R, row_bits) uint8 bits of everything added so far."""
+        row, start, value, width = (np.concatenate(part) for part in zip(*self._parts, strict=True))
+        return write_fields(n_rows, row_bits, row, start, value, width)
