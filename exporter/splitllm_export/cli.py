@@ -22,6 +22,14 @@ def _parse_splits(text: str) -> list[int] | None:
         raise argparse.ArgumentTypeError(f"--validate-splits takes 'all' or comma-separated ints, got {text!r}") from None
 
 
+def _parse_weights(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ("fp32", "fp16", "int8", "int4")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--client-weights takes fp32, fp16, int8 or int4 (comma-separated), got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitllm-export",
@@ -40,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-validate", action="store_true", help="do not validate splits (the manifest says so)")
     parser.add_argument("--validate-splits", type=_parse_splits, default=None, metavar="all|K,K,...",
                         help="validate only these splits (default: all)")
+    parser.add_argument("--client-weights", type=_parse_weights, default=[], metavar="fp32|fp16|int8|int4[,...]",
+                        help="also write device weight variants of every block (the fp32 blocks are always "
+                        "written; comma-separated for several)")
+    parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+                        help="weights per quantisation block of int8/int4 variants (default 32)")
+    parser.add_argument("--server-weights", choices=["fp32"], default="fp32",
+                        help="weights of the server's blocks: fp32 only (the exact, validated ones)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -73,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate=not args.skip_validate,
             splits=args.validate_splits,
             show_progress=not args.quiet,
+            client_weights=args.client_weights,
+            block_size=args.block_size,
         )
         from splitllm.bundle import Bundle
         from splitllm.cli import bundle_summary

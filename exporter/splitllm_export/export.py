@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -25,8 +25,12 @@ from splitllm_export.blocks import OPSET, BlockInfo, export_blocks
 from splitllm_export.sources import Source
 from splitllm_export.validate import reference_run, validate_splits
 
+if TYPE_CHECKING:
+    from splitllm_export.quantize import Scheme
+
 VALIDATION_PROMPT = "What is the capital of France? Answer in one short sentence."
 VALIDATION_STEPS = 4
+QUALITY_TOKENS = 512  # pydoc text tokens each device variant is scored on at export (one window)
 REFERENCE_CONTEXT = 512  # context length at which attention FLOPs in the cost table are counted
 
 
@@ -92,13 +96,21 @@ def export_bundle(
     validate: bool = True,
     splits: Sequence[int] | None = None,
     show_progress: bool = True,
+    client_weights: Sequence[str] = (),
+    block_size: int = 32,
 ) -> Path:
     """Export ``source`` as a bundle at ``out_dir`` and return its path.
 
-    ``splits`` limits validation to some splits (all of 0..L by default).
+    ``splits`` limits validation to some splits (all of 0..L by default). ``client_weights``
+    adds device weight variants ("fp16", "int8", "int4"; see splitllm_export.quantize) next to
+    the fp32 blocks, which stay byte-for-byte what they are without them; with validation on,
+    each variant's teacher-forced quality against fp32 goes into its manifest entry.
     Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
     """
     from splitllm.text import TextCodec
+    from splitllm_export.quantize import scheme_for
+
+    schemes = [scheme_for(name, block_size) for name in dict.fromkeys(client_weights) if name != "fp32"]
 
     out_dir = Path(out_dir)
     model = source.model
@@ -121,6 +133,7 @@ def export_bundle(
                 bar.update(1)
 
             blocks = export_blocks(model, spec, shapes, tmp, progress=on_block)
+        variants = _write_variants(tmp, blocks, schemes)
         tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
         import torch
         import transformers
@@ -141,6 +154,8 @@ def export_bundle(
             "export": {"opset": OPSET, "torch": torch.__version__, "transformers": transformers.__version__,
                        "created_unix": int(time.time())},
         }
+        if variants:
+            manifest["variants"] = variants
         manifest["files"] = {
             p.name: {"sha256": file_sha256(p), "size_bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir()) if p.is_file()
@@ -161,6 +176,7 @@ def export_bundle(
                 "reference_tokens": ref.tokens, "splits": results,
                 "max_abs_diff": max(float(r["max_abs_diff"]) for r in results),
             })
+            _measure_variants(bundle, variants)
         manifest["validation"] = validation
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -175,6 +191,26 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme]) -> dict[str, Any]:
+    """Each scheme's variant files into ``out_dir``; returns their manifest entries by name."""
+    from splitllm_export.quantize import write_variant
+
+    return {scheme.name: write_variant(out_dir, list(blocks), scheme) for scheme in schemes}
+
+
+def _measure_variants(bundle: Bundle, variants: dict[str, Any]) -> None:
+    """Teacher-forced top-1 agreement and perplexity of each variant against fp32, into its entry."""
+    if not variants:
+        return
+    from splitllm_export.quality import QUALITY_TEXT, compare_quality, next_token_stats, quality_tokens
+
+    ids = quality_tokens(bundle, min(QUALITY_TOKENS, bundle.shapes.max_context))
+    reference = next_token_stats(bundle, "fp32", ids, QUALITY_TOKENS)
+    for name, entry in variants.items():
+        entry["quality"] = {"text": QUALITY_TEXT, **compare_quality(reference, next_token_stats(bundle, name, ids,
+                                                                                                QUALITY_TOKENS))}
 
 
 def _segment_list(num_layers: int) -> list[dict[str, Any]]:

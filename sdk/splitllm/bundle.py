@@ -4,6 +4,11 @@ Units are numbered in execution order: unit 0 is the embedding block, units 1..L
 layers, unit L+1 the head. A *range* [start, end) of units is what one side runs; the prefix
 of split k is units [0, k+1) and the suffix is [k+1, L+2). Any range composes into one fused
 ONNX Runtime session (see ``splitllm._graphs``).
+
+A bundle may also carry device weight *variants* (``manifest["variants"]``, docs/bundle.md):
+the same blocks with fp16, 8-bit or 4-bit weights in their own files. The fp32 blocks are what
+the server runs and what export validation checks; a client may compose its ranges from a
+variant instead (``range_graph(..., variant="int4")``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from splitllm.errors import BundleCorrupt, BundleNotFound, BundleVersionError, C
 MANIFEST = "manifest.json"
 FORMAT = "splitllm-bundle"
 FORMAT_VERSION = 1
+DEFAULT_VARIANT = "fp32"  # the exact blocks in manifest["blocks"]
 
-__all__ = ["Bundle", "ModelShapes", "FORMAT_VERSION", "MANIFEST", "file_sha256"]
+__all__ = ["Bundle", "DEFAULT_VARIANT", "ModelShapes", "FORMAT_VERSION", "MANIFEST", "file_sha256"]
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -65,7 +71,13 @@ class Bundle:
         if not isinstance(blocks, dict):
             raise BundleCorrupt(f"{path / MANIFEST}: 'blocks' is missing")
         self._blocks: dict[str, dict[str, Any]] = blocks
-        self._graph_bytes: dict[str, bytes] = {}
+        variants = manifest.get("variants", {})
+        if not isinstance(variants, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("blocks"), dict) for v in variants.values()
+        ):
+            raise BundleCorrupt(f"{path / MANIFEST}: 'variants' must map names to entries with 'blocks'")
+        self._variants: dict[str, dict[str, Any]] = variants
+        self._graph_bytes: dict[tuple[str, str], bytes] = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -137,6 +149,20 @@ class Bundle:
         """The per-unit cost table (see docs/bundle.md)."""
         return self.manifest.get("cost", {})
 
+    @property
+    def variants(self) -> list[str]:
+        """Weight variants a range can be composed from: "fp32" first, then the device variants."""
+        return [DEFAULT_VARIANT, *sorted(self._variants)]
+
+    def check_variant(self, variant: str) -> str:
+        """``variant`` if this bundle has it, else ConfigError naming the ones it has."""
+        if variant != DEFAULT_VARIANT and variant not in self._variants:
+            hint = "" if self._variants else " (export with --client-weights to add device variants)"
+            raise ConfigError(
+                f"bundle {self.path} has no {variant!r} weights; available: {', '.join(self.variants)}{hint}"
+            )
+        return variant
+
     @cached_property
     def text(self):  # noqa: ANN201 - splitllm.text.TextCodec, imported lazily
         from splitllm.text import TextCodec
@@ -171,27 +197,38 @@ class Bundle:
 
     # ------------------------------------------------------------------ graphs
 
-    def _block_bytes(self, name: str) -> bytes:
-        if name not in self._graph_bytes:
-            meta = self._blocks.get(name)
+    def _block_bytes(self, name: str, variant: str = DEFAULT_VARIANT) -> bytes:
+        key = (variant, name)
+        if key not in self._graph_bytes:
+            blocks = self._blocks if variant == DEFAULT_VARIANT else self._variants[variant]["blocks"]
+            meta = blocks.get(name)
             if not isinstance(meta, dict) or "file" not in meta:
-                raise BundleCorrupt(f"manifest has no block {name!r}")
+                raise BundleCorrupt(f"manifest has no block {name!r} in the {variant} weights")
             try:
-                self._graph_bytes[name] = (self.path / meta["file"]).read_bytes()
+                self._graph_bytes[key] = (self.path / meta["file"]).read_bytes()
             except OSError as exc:
                 raise BundleCorrupt(f"cannot read block {name} ({meta['file']}): {exc}") from exc
-        return self._graph_bytes[name]
+        return self._graph_bytes[key]
 
-    def range_graph(self, start: int, end: int, *, last_logits_only: bool = False) -> bytes:
-        """One serialized ONNX model running units [start, end), weights referenced externally."""
+    def range_graph(
+        self, start: int, end: int, *, last_logits_only: bool = False, variant: str = DEFAULT_VARIANT
+    ) -> bytes:
+        """One serialized ONNX model running units [start, end), weights referenced externally.
+
+        ``variant`` picks the blocks' weights ("fp32" or one of :attr:`variants`; ConfigError
+        otherwise). Only the weights of the range's blocks are referenced, so a session loads
+        just those.
+        """
+        self.check_variant(variant)
         names = self.block_names(start, end, last_logits_only=last_logits_only)
-        return compose([self._block_bytes(n) for n in names], name=f"units_{start}_{end}")
+        return compose([self._block_bytes(n, variant) for n in names], name=f"units_{start}_{end}")
 
-    def session(self, start: int, end: int, *, last_logits_only: bool = False, options=None):  # noqa: ANN001, ANN201
+    def session(self, start: int, end: int, *, last_logits_only: bool = False, options=None,  # noqa: ANN001, ANN201
+                variant: str = DEFAULT_VARIANT):
         """An ``onnxruntime.InferenceSession`` for units [start, end). See splitllm.runtime."""
         from splitllm.runtime import make_session
 
-        return make_session(self, start, end, last_logits_only=last_logits_only, options=options)
+        return make_session(self, start, end, last_logits_only=last_logits_only, options=options, variant=variant)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model={self.model_id!r}, layers={self.num_layers})"

@@ -45,6 +45,8 @@ class SplitClient:
 
     ``server=None`` (or ``local=True``) runs everything on the device. ``split`` defaults to a
     third of the layers on the device. ``codec`` compresses activations sent to the server.
+    ``weights`` picks the device weights of the local segments ("fp32", or a variant the bundle
+    carries such as "int4"; ConfigError names the available ones). The server always runs fp32.
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class SplitClient:
         failover_timeout_s: float = 30.0,
         fallback_local: bool = True,
         ssl: ssl_module.SSLContext | bool | None = None,
+        weights: str = "fp32",
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
+        self.weights = self.bundle.check_variant(weights)
         self.text = self.bundle.text
         codecs.get_codec(codec)
         self.codec = codec
@@ -219,7 +223,8 @@ class SplitClient:
         key = (start, end, last_only)
         seg = self._segments.pop(key, None)
         if seg is None:
-            seg = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options)
+            seg = Segment(self.bundle, start, end, last_logits_only=last_only, options=self.options,
+                          variant=self.weights)
         self._segments[key] = seg  # most recently used last
         while len(self._segments) > self.max_segments:
             self._segments.pop(next(iter(self._segments)))

@@ -63,8 +63,10 @@ def make_session(
     *,
     last_logits_only: bool = False,
     options: RuntimeOptions | None = None,
+    variant: str = "fp32",
 ) -> ort.InferenceSession:
-    graph = bundle.range_graph(start, end, last_logits_only=last_logits_only)
+    """An ORT session for units [start, end) of ``bundle`` with ``variant`` weights (see Bundle.variants)."""
+    graph = bundle.range_graph(start, end, last_logits_only=last_logits_only, variant=variant)
     so = (options or RuntimeOptions()).session_options()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
     try:
@@ -125,7 +127,11 @@ class KVCache:
 
 
 class Segment:
-    """Units [start, end) as one ORT session, fed from and into a :class:`KVCache`."""
+    """Units [start, end) as one ORT session, fed from and into a :class:`KVCache`.
+
+    ``variant`` chooses the weights ("fp32", the exact blocks, or a device variant of the
+    bundle such as "int4"); ConfigError names the bundle's variants when it has no such one.
+    """
 
     def __init__(
         self,
@@ -135,10 +141,13 @@ class Segment:
         *,
         last_logits_only: bool = True,
         options: RuntimeOptions | None = None,
+        variant: str = "fp32",
     ) -> None:
         self.bundle = bundle
         self.start, self.end = start, end
-        self.session = make_session(bundle, start, end, last_logits_only=last_logits_only, options=options)
+        self.variant = variant
+        self.session = make_session(bundle, start, end, last_logits_only=last_logits_only, options=options,
+                                    variant=variant)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         num_layers = bundle.num_layers
