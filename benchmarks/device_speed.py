@@ -1,0 +1,382 @@
+"""Device speed and memory: llama.cpp, optimum ORT, SplitLLM local-only per client weights, split over loopback.
+
+Run: ``python benchmarks/device_speed.py [--bundle bundles/smollm2-variants] [--tokens 64] [--repeats 3]
+[--threads 2] [--splits 5,10,20,30] [--split-weights fp32,fp16,int8,int4]``
+
+One run, one model: the built-in SmolLM2 GGUF (Q4_1 layers, Q8_0 table), the same chat prompt,
+``--tokens`` greedy tokens (EOS ignored), ``--threads`` threads everywhere. Rows:
+
+- ``llama.cpp``: ``llama-cpp-python`` on the GGUF itself (a benchmark-only dependency: ``pip install
+  llama-cpp-python``; the row is skipped with a message when it is missing), with OpenMP's default
+  spinning and with ``OMP_WAIT_POLICY=PASSIVE``;
+- ``optimum``: ``ORTModelForCausalLM`` on a monolithic fp32 optimum export (benchmarks/_baselines.py);
+- ``local W``: ``SplitClient(bundle, local=True, weights=W)`` for every weight variant W in the bundle,
+  with ORT's spinning threads (the local default) and without (``no-spin``);
+- ``split k W``: ``SplitClient(bundle, server, split=k, weights=W)`` against one ``splitllm-server
+  --port 0 --no-spinning`` subprocess on 127.0.0.1 (fp32 blocks there).
+
+Each row runs in a fresh Python subprocess so its peak RSS (VmHWM from /proc/self/status) is that
+configuration's alone; ``base`` is the RSS after imports, before any model is loaded. Per row: one
+warm-up, then ``--repeats`` runs from an empty cache; tok/s = new tokens / wall time including
+prefill (best run: noise only slows a run down; the median is printed too), ttft = time to the
+first new token (best run). ``mapped`` is what the process has mapped of bundle files (size / resident),
+to show whether ONNX Runtime maps the whole weights file. Goals compare the faster of each pair
+(spinning or not), so neither side is judged by a setting that the machine's load punishes.
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _baselines import PROMPT, REPO, machine_header, machine_info
+
+DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"
+GOAL_LOCAL_VS_LLAMA = 1.0  # ours local-only int4 tok/s / llama.cpp tok/s
+GOAL_SPLIT_VS_LOCAL = 0.9  # split over loopback tok/s / local-only tok/s, same client weights
+GOAL_RSS_K10_VS_K30 = 0.45  # client peak RSS of prefix k=10 / of prefix k=30
+WORKER_TIMEOUT_S = 600
+
+
+# ----------------------------------------------------------------------------- inside a worker
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _files_mapped_mb(roots: list[Path]) -> dict[str, list[float]]:
+    """{file: [mapped MB, resident MB]} for every mapping of a file at or under one of ``roots``."""
+    out: dict[str, list[float]] = {}
+    current = None
+    prefixes = tuple(str(r.resolve()) for r in roots)
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            current = Path(parts[5]).name if len(parts) > 5 and parts[5].startswith(prefixes) else None
+        elif current and parts[0] in ("Size:", "Rss:"):
+            entry = out.setdefault(current, [0.0, 0.0])
+            entry[0 if parts[0] == "Size:" else 1] += int(parts[1]) / 1024
+    return {k: [round(v, 1) for v in vals] for k, vals in out.items()}
+
+
+def _timed(generate: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Warm up, then ``repeats`` timed runs of ``generate(n) -> (ids, first_token_s, seconds)``.
+
+    Also notes what the process has mapped of the model's files while the model is loaded.
+    """
+    tokens, repeats = spec["tokens"], spec["repeats"]
+    generate(min(8, tokens))
+    runs = [generate(tokens) for _ in range(repeats)]
+    mapped = _files_mapped_mb([Path(spec["bundle"]), *([Path(spec["gguf"])] if "gguf" in spec else [])])
+    for ids, _, _ in runs:
+        if len(ids) != tokens:
+            raise SystemExit(f"a run produced {len(ids)} tokens instead of {tokens}")
+    rates = [tokens / seconds for _, _, seconds in runs]
+    return {"tok_s": max(rates), "tok_s_median": statistics.median(rates),
+            "ttft_ms": min(first for _, first, _ in runs) * 1e3, "ids": runs[0][0], "mapped_mb": mapped}
+
+
+def _llama_cpp(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=spec["gguf"], n_ctx=512, n_batch=512, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], verbose=False)
+
+    def generate(n: int) -> tuple[list[int], float, float]:
+        llm.reset()
+        ids: list[int] = []
+        started = time.perf_counter()
+        first = 0.0
+        for token in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            if not ids:
+                first = time.perf_counter() - started
+            ids.append(int(token))
+            if len(ids) == n:
+                break
+        return ids, first, time.perf_counter() - started
+
+    return _timed(generate, spec)
+
+
+def _optimum(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+    from _baselines import optimum_export
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = spec["threads"], 1, 3
+    model = ORTModelForCausalLM.from_pretrained(optimum_export(log=lambda s: print(s, file=sys.stderr)),
+                                                session_options=so, use_cache=True, provider="CPUExecutionProvider")
+    input_ids = torch.tensor([prompt_ids])
+
+    class FirstToken:  # a transformers streamer: the second put() is the first new token
+        def __init__(self) -> None:
+            self.puts, self.at = 0, 0.0
+
+        def put(self, _value: Any) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def generate(n: int) -> tuple[list[int], float, float]:
+        clock = FirstToken()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, streamer=clock, pad_token_id=0)
+        done = time.perf_counter()
+        return [int(t) for t in out[0, len(prompt_ids):]], clock.at - started, done - started
+
+    return _timed(generate, spec)
+
+
+def _ours(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
+    from splitllm.client import SplitClient
+
+    loop = asyncio.new_event_loop()
+    server = spec.get("server")
+    client = SplitClient(spec["bundle"], server, local=server is None, split=spec.get("split"),
+                         threads=spec["threads"], weights=spec["weights"], allow_spinning=spec.get("spinning"))
+    loop.run_until_complete(client.connect())
+
+    async def one(n: int) -> tuple[list[int], float, float]:
+        await client._rewind(0)  # noqa: SLF001 - start every run from an empty cache on both sides
+        started = time.perf_counter()
+        first = 0.0
+        async for _piece in client.generate_ids(prompt_ids, max_new_tokens=n, ignore_eos=True):
+            if not first:
+                first = time.perf_counter() - started
+        return list(client.last_stats.new_ids), client.last_stats.first_token_s, time.perf_counter() - started
+
+    try:
+        return _timed(lambda n: loop.run_until_complete(one(n)), spec)
+    finally:
+        loop.run_until_complete(client.close())
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this (fresh) process; returns its figures and memory."""
+    from splitllm.bundle import Bundle
+
+    bundle = Bundle.open(spec["bundle"], verify=False)
+    prompt_ids = bundle.text.encode_chat([{"role": "user", "content": PROMPT}])
+    base = _status_mb("VmRSS")
+    run = {"llama.cpp": _llama_cpp, "optimum": _optimum}.get(spec["kind"], _ours)
+    result = run(spec, prompt_ids)
+    result.update(rss_base_mb=round(base, 1), rss_peak_mb=round(_status_mb("VmHWM"), 1))
+    return result
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """``worker(spec)`` in a fresh interpreter; None (with the error printed) if it failed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = os.environ | spec.get("env", {})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=REPO, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  {spec['name']}: timed out after {WORKER_TIMEOUT_S} s", flush=True)
+        return None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"  {spec['name']}: failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}", flush=True)
+        return None
+    result = json.loads(lines[-1])
+    print(f"  {spec['name']}: {result['tok_s']:.1f} tok/s, peak RSS {result['rss_peak_mb']:.0f} MB", flush=True)
+    return result
+
+
+def start_server(bundle: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
+    exe = shutil.which("splitllm-server")
+    if exe is None:
+        raise SystemExit("splitllm-server is not on PATH; activate the venv first")
+    cmd = [exe, "--bundle", str(bundle), "--port", "0", "--no-spinning", "--threads", str(threads), "--no-verify"]
+    print(f"starting: {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if line.startswith("listening on "):
+            return proc, line.split("listening on ", 1)[1].strip()
+        if not line and proc.poll() is not None:
+            break
+    stop_server(proc)
+    raise SystemExit("splitllm-server did not start")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _agree(ids: list[int], ref: list[int]) -> int:
+    n = 0
+    for a, b in zip(ids, ref, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _best(rows: dict[str, dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The faster of the row ``name`` and its no-spin twin (None if neither ran)."""
+    found = [rows[n] for n in (name, f"{name} no-spin") if n in rows]
+    return max(found, key=lambda r: r["tok_s"], default=None)
+
+
+def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table and the goals; return the JSON summary."""
+    ref = rows.get("local fp32", {}).get("ids", [])
+    print(f"\n{'system':<18} {'tok/s':>7} {'median':>7} {'ttft ms':>8} {'peak RSS MB':>11} {'base MB':>8} "
+          f"{'agree':>6}  model files mapped (MB mapped/resident)")
+    for name, r in rows.items():
+        maps = ", ".join(f"{f} {v[0]:.0f}/{v[1]:.0f}" for f, v in sorted(r["mapped_mb"].items())) or "-"
+        print(f"{name:<18} {r['tok_s']:>7.1f} {r['tok_s_median']:>7.1f} {r['ttft_ms']:>8.0f} {r['rss_peak_mb']:>11.0f} "
+              f"{r['rss_base_mb']:>8.0f} {_agree(r['ids'], ref):>3}/{len(r['ids'])}  {maps}")
+    print("agree: leading greedy tokens equal to local fp32's; split rows send activations with the client's "
+          "default codec (int8-block64), so they may part from fp32 late")
+    goals: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+
+    def verdict(key: str, value: float | None, target: float, below: bool = False) -> None:
+        if value is None:
+            goals[key] = "SKIP"
+            return
+        ratios[key] = round(value, 3)
+        goals[key] = "PASS" if (value <= target if below else value >= target) else "FAIL"
+
+    llama = max((r for n, r in rows.items() if n.startswith("llama.cpp")), key=lambda r: r["tok_s"], default=None)
+    local4 = _best(rows, "local int4")
+    verdict("local_int4_vs_llama_cpp", local4["tok_s"] / llama["tok_s"] if llama and local4 else None,
+            GOAL_LOCAL_VS_LLAMA)
+    if rows.get("optimum") and local4:
+        ratios["local_int4_vs_optimum"] = round(local4["tok_s"] / rows["optimum"]["tok_s"], 3)
+    for w in args.split_weights:
+        local = _best(rows, f"local {w}")
+        for k in args.splits:
+            split = rows.get(f"split k={k} {w}")
+            verdict(f"split_k{k}_{w}_vs_local_{w}", split["tok_s"] / local["tok_s"] if split and local else None,
+                    GOAL_SPLIT_VS_LOCAL)
+            if split and (calm := rows.get(f"local {w} no-spin")):  # like for like: no side spins
+                ratios[f"split_k{k}_{w}_vs_local_{w}_no_spin"] = round(split["tok_s"] / calm["tok_s"], 3)
+        k10, k30 = rows.get(f"split k=10 {w}"), rows.get(f"split k=30 {w}")
+        verdict(f"rss_k10_vs_k30_{w}", k10["rss_peak_mb"] / k30["rss_peak_mb"] if k10 and k30 else None,
+                GOAL_RSS_K10_VS_K30, below=True)
+        if k10 and k30:  # the same ratio without the fixed cost of Python + ORT + tokenizer
+            ratios[f"rss_above_base_k10_vs_k30_{w}"] = round(
+                (k10["rss_peak_mb"] - k10["rss_base_mb"]) / (k30["rss_peak_mb"] - k30["rss_base_mb"]), 3)
+    print()
+    for key, value in goals.items():
+        target = {"local": f">= {GOAL_LOCAL_VS_LLAMA}", "split": f">= {GOAL_SPLIT_VS_LOCAL}",
+                  "rss_": f"<= {GOAL_RSS_K10_VS_K30}"}[next(p for p in ("local", "split", "rss_") if key.startswith(p))]
+        extra = ""
+        if key.startswith("rss_") and (above := ratios.get(key.replace("rss_", "rss_above_base_"))) is not None:
+            extra = f"   (RSS above the process's base: {above:.3f})"
+        if (calm := ratios.get(f"{key}_no_spin")) is not None:
+            extra = f"   (vs local without spinning: {calm:.3f})"
+        print(f"goal {key:<32} {ratios.get(key, float('nan')):>6.3f} (target {target}): {value}{extra}")
+    return {"ratios": ratios, "goals": goals,
+            "rows": {n: {k: v for k, v in r.items() if k != "ids"} for n, r in rows.items()}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle with variants (default %(default)s)")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row in its process")
+    parser.add_argument("--rounds", type=int, default=1, help="times the whole list runs; best per row is kept")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--splits", default="5,10,20,30", help="prefix sizes k for the split rows")
+    parser.add_argument("--split-weights", default="", help="client weights of the split rows (default: all in the bundle)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    if not (args.bundle / "manifest.json").is_file():
+        parser.error(f"no bundle at {args.bundle}; make it with: "
+                     f"splitllm-export -q --client-weights fp16,int8,int4 -o {args.bundle}")
+    args.splits = [int(k) for k in args.splits.split(",") if k.strip()]
+    args.split_weights = [w.strip() for w in args.split_weights.split(",") if w.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    from splitllm.bundle import Bundle
+    from splitllm_export.sources import builtin_gguf
+
+    print(machine_header(), flush=True)
+    variants = Bundle.open(args.bundle).variants
+    args.split_weights = args.split_weights or variants
+    common = {"bundle": str(args.bundle), "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads}
+    specs: list[dict[str, Any]] = []
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama-cpp-python is not installed: skipping the llama.cpp row (pip install llama-cpp-python; "
+              "a benchmark-only dependency, it builds from source in a few minutes)", flush=True)
+    else:
+        gguf = str(builtin_gguf("smollm2"))
+        # ggml's OpenMP threads spin at barriers; on a shared machine passive waiting can be faster.
+        specs.append({"name": "llama.cpp", "kind": "llama.cpp", "gguf": gguf})
+        specs.append({"name": "llama.cpp passive", "kind": "llama.cpp", "gguf": gguf,
+                      "env": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    specs.append({"name": "optimum", "kind": "optimum"})
+    specs += [{"name": f"local {w}", "kind": "local", "weights": w} for w in variants]
+    # Local sessions spin by default (fastest on an idle machine); without spinning they suffer
+    # less when other processes compete for the cores, as llama.cpp's passive row does.
+    specs += [{"name": f"local {w} no-spin", "kind": "local", "weights": w, "spinning": False} for w in variants]
+    rows: dict[str, dict[str, Any]] = {}
+    proc, url = start_server(args.bundle, args.threads)
+    specs += [{"name": f"split k={k} {w}", "kind": "split", "weights": w, "split": k, "server": url}
+              for w in args.split_weights for k in args.splits]
+    loads = [os.getloadavg()[0]]
+    try:
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1}/{args.rounds}", flush=True)
+            for spec in specs:
+                result = run_worker(common | spec)
+                if result is not None and result["tok_s"] > rows.get(spec["name"], {}).get("tok_s", 0.0):
+                    rows[spec["name"]] = result
+                loads.append(os.getloadavg()[0])
+    finally:
+        stop_server(proc)
+    print(f"1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores "
+          "(above ~2.5 other processes were competing: absolute figures and llama.cpp suffer most)")
+    summary = report(rows, args)
+    summary.update(tokens=args.tokens, repeats=args.repeats, threads=args.threads, bundle=str(args.bundle),
+                   machine=machine_info())
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
