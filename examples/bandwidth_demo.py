@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from splitllm.bundle import Bundle
 from splitllm.errors import ConfigError, SplitLLMError
 from splitllm.netem import ShapedLink, SlowDevice, scaled_profile
 from splitllm.profile import load_or_measure
+from splitllm_server.launch import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Explain in two sentences why the sky is blue.", "Write a haiku about a quiet harbour.",
@@ -80,21 +80,6 @@ def describe(sides: tuple[str, ...]) -> str:
             runs.append(f"{'C' if sides[start] == 'client' else 'S'}{start}-{unit - 1}")
             start = unit
     return " ".join(runs)
-
-
-def start_server(bundle: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "splitllm_server.cli", "--bundle", str(bundle), "--port", "0", "--no-spinning",
-           "--segment-cache", "16"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.stdout is not None:
-        line = proc.stdout.readline()
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit("the demo's splitllm-server did not start")
 
 
 async def run(args: argparse.Namespace, url: str) -> list[Row]:
@@ -202,7 +187,7 @@ def main() -> int:
     proc = None
     try:
         if args.server is None:
-            proc, url = start_server(Path(args.bundle))
+            proc, url = spawn(Path(args.bundle), ["--segment-cache", "16"])
         else:
             url = args.server
         rows = asyncio.run(run(args, url))

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from splitllm.bundle import MANIFEST
 from splitllm.chat_ui import run_chat
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
+from splitllm_server.launch import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,23 +36,6 @@ def ensure_bundle(path: Path) -> None:
 
     if export_main(["--builtin", "smollm2", "-o", str(path), "--force"]) != 0:
         raise SystemExit("export failed")
-
-
-def start_server(bundle: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen[str], str]:
-    """A splitllm-server subprocess on a free loopback port; returns it and its URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitllm_server.cli", "--bundle", str(bundle), "--port", "0", "--no-spinning"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + timeout_s
-    while proc.stdout is not None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 async def chat(args: argparse.Namespace, url: str) -> int:
@@ -87,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             ensure_bundle(Path(args.bundle))
             print("starting a local splitllm-server ...", flush=True)
-            proc, url = start_server(Path(args.bundle))
+            proc, url = spawn(Path(args.bundle))
             print(f"server at {url}", flush=True)
         return asyncio.run(chat(args, url))
     except SplitLLMError as exc:
