@@ -76,8 +76,9 @@ class SplitClient:
         num_layers = self.bundle.num_layers
         self.placement = Placement.for_split(num_layers // 3 if split is None else split,
                                              self.bundle.num_units, local=self.local)
-        # Spinning threads help a lone session and hurt when a server shares the cores.
-        spinning = self.local if allow_spinning is None else allow_spinning
+        # ORT threads spin only while a run is under way (force_spinning_stop): fastest on a
+        # quiet device, split or not; pass allow_spinning=False on a machine busy with other work.
+        spinning = True if allow_spinning is None else allow_spinning
         self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
         self.remote = None if self.local else Remote(server, token, timeout_s, client_name, ssl=ssl)
         # Failover: how long to keep reconnecting after the server is lost, and whether to go

@@ -52,6 +52,10 @@ class RuntimeOptions:
         so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        if self.allow_spinning:
+            # Spin while a run is under way, stop as soon as it returns: a device session then
+            # does not burn the cores its server (or the next segment) needs between steps.
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
         return so
 
