@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from _baselines import PROMPT, REPO, machine_header, machine_info
+
+from splitllm.errors import SplitLLMError
+from splitllm_server.launch import spawn
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"
 GOAL_LOCAL_VS_LLAMA = 1.0  # ours local-only int4 tok/s / llama.cpp tok/s
@@ -210,21 +212,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def start_server(bundle: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
-    exe = shutil.which("splitllm-server")
-    if exe is None:
-        raise SystemExit("splitllm-server is not on PATH; activate the venv first")
-    cmd = [exe, "--bundle", str(bundle), "--port", "0", "--no-spinning", "--threads", str(threads), "--no-verify"]
-    print(f"starting: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline() if proc.stdout else ""
-        if line.startswith("listening on "):
-            return proc, line.split("listening on ", 1)[1].strip()
-        if not line and proc.poll() is not None:
-            break
-    stop_server(proc)
-    raise SystemExit("splitllm-server did not start")
+    try:
+        return spawn(bundle, ["--threads", str(threads), "--no-verify"], timeout_s=120, stderr=subprocess.DEVNULL)
+    except SplitLLMError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:

@@ -50,6 +50,8 @@ import zstandard
 from splitllm import codec as codecs
 from splitllm import errors, wire
 from splitllm.client import SplitClient
+from splitllm.errors import SplitLLMError
+from splitllm_server.launch import spawn
 
 MAGIC, FIXED = codecs.MAGIC, struct.Struct("<4sBBBBB3s")  # the payload header of codec.py
 INTS = (0, 1, 2, 3, 7, 8, 64, 127, 128, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
@@ -817,16 +819,11 @@ class _Server:
     """``splitllm-server`` as a subprocess on a free loopback port; stderr kept for tracebacks."""
 
     def __init__(self, bundle: Path, *extra: str) -> None:
-        exe = Path(sys.executable).with_name("splitllm-server")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "splitllm_server.cli"]
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([*cmd, "--bundle", str(bundle), "--host", "127.0.0.1", "--port", "0",
-                                      "--no-spinning", *extra], stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.startswith("listening on http://127.0.0.1:"):
-            self.stop()
-            raise SystemExit(f"splitllm-server did not start: {line!r} {self.stderr()[-2000:]}")
-        self.url = line.split()[-1]
+        try:
+            self.proc, self.url = spawn(bundle, extra, stderr=self.log)
+        except SplitLLMError as exc:
+            raise SystemExit(f"{exc}: {self.stderr()[-2000:]}") from exc
 
     def stderr(self) -> str:
         self.log.seek(0)

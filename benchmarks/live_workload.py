@@ -47,6 +47,7 @@ from splitllm.errors import ServerUnavailable, SplitLLMError
 from splitllm.netem import ShapedLink, SlowDevice, scaled_profile
 from splitllm.planner import latency_ms, make_policy, server_work
 from splitllm.profile import Profile, load_or_measure
+from splitllm_server.launch import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("all-server", "greedy", "dp")
@@ -213,22 +214,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_server(bundle: Path, timeout_s: float = 180.0) -> tuple[subprocess.Popen[str], str]:
+def start_server(bundle: Path) -> tuple[subprocess.Popen[str], str]:
     # 12 composed ranges stay loaded (each holds its layers' weights): composing one takes 1-2 s,
-    # which the server counts as compute, so re-composing would inflate the busy seconds.
-    cmd = [sys.executable, "-m", "splitllm_server.cli", "--bundle", str(bundle), "--port", "0", "--no-spinning",
-           "--segment-cache", "12"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.stdout is not None:
-        line = proc.stdout.readline()
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise ServerUnavailable("the benchmark's splitllm-server did not start")
+    # so re-composing inside the measurement would distort it.
+    return spawn(bundle, ["--segment-cache", "12"],
+                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 async def metrics(url: str) -> dict[str, float]:

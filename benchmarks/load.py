@@ -36,6 +36,8 @@ import numpy as np
 
 from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
+from splitllm.errors import SplitLLMError
+from splitllm_server.launch import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2"
@@ -60,14 +62,10 @@ def ensure_bundle(path: Path) -> None:
 
 class Server:
     def __init__(self, bundle: Path) -> None:
-        cmd = [*_tool("splitllm-server", "splitllm_server.cli"), "--bundle", str(bundle), "--host", "127.0.0.1",
-               "--port", "0", "--no-spinning"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.startswith("listening on http://127.0.0.1:"):
-            self.stop()
-            raise SystemExit(f"splitllm-server did not start: {line!r}")
-        self.url = line.split()[-1]
+        try:
+            self.proc, self.url = spawn(bundle, stderr=subprocess.PIPE)
+        except SplitLLMError as exc:
+            raise SystemExit(str(exc)) from exc
 
     def vm_hwm_bytes(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
