@@ -12,8 +12,10 @@ One run, one model: the built-in SmolLM2 GGUF (Q4_1 layers, Q8_0 table), the sam
 - ``optimum``: ``ORTModelForCausalLM`` on a monolithic fp32 optimum export (benchmarks/_baselines.py);
 - ``local W``: ``SplitClient(bundle, local=True, weights=W)`` for every weight variant W in the bundle,
   with ORT's spinning threads (the local default) and without (``no-spin``);
-- ``split k W``: ``SplitClient(bundle, server, split=k, weights=W)`` against one ``splitllm-server
-  --port 0 --no-spinning`` subprocess on 127.0.0.1 (fp32 blocks there).
+- ``split k W``: ``SplitClient(bundle, server, split=k, weights=W)`` against a ``splitllm-server
+  --port 0 --weights W`` subprocess on 127.0.0.1: with ``--server-weights same`` (the default) the
+  server runs the client's variant, so the row compares like with like; ``--server-weights fp32``
+  keeps the exact fp32 blocks there.
 
 Each row runs in a fresh Python subprocess so its peak RSS (VmHWM from /proc/self/status) is that
 configuration's alone; ``base`` is the RSS after imports, before any model is loaded. Per row: one
@@ -211,9 +213,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
     return result
 
 
-def start_server(bundle: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(bundle: Path, threads: int, weights: str) -> tuple[subprocess.Popen[str], str]:
     try:
-        return spawn(bundle, ["--threads", str(threads), "--no-verify"], timeout_s=120, stderr=subprocess.DEVNULL)
+        return spawn(bundle, ["--threads", str(threads), "--no-verify", "--weights", weights], timeout_s=120,
+                     stderr=subprocess.DEVNULL)
     except SplitLLMError as exc:
         raise SystemExit(str(exc)) from exc
 
@@ -306,6 +309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--splits", default="5,10,20,30", help="prefix sizes k for the split rows")
     parser.add_argument("--split-weights", default="", help="client weights of the split rows (default: all in the bundle)")
+    parser.add_argument("--server-weights", default="same",
+                        help="weights the server runs for split rows: 'same' as the client (default) or a variant name")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -346,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     # less when other processes compete for the cores, as llama.cpp's passive row does.
     specs += [{"name": f"local {w} no-spin", "kind": "local", "weights": w, "spinning": False} for w in variants]
     rows: dict[str, dict[str, Any]] = {}
-    proc, url = start_server(args.bundle, args.threads)
-    specs += [{"name": f"split k={k} {w}", "kind": "split", "weights": w, "split": k, "server": url}
+    server_weights = {w: w if args.server_weights == "same" else args.server_weights for w in args.split_weights}
+    servers = {sw: start_server(args.bundle, args.threads, sw) for sw in dict.fromkeys(server_weights.values())}
+    specs += [{"name": f"split k={k} {w}", "kind": "split", "weights": w, "split": k,
+               "server": servers[server_weights[w]][1]}
               for w in args.split_weights for k in args.splits]
     loads = [os.getloadavg()[0]]
     try:
@@ -359,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows[spec["name"]] = result
                 loads.append(os.getloadavg()[0])
     finally:
-        stop_server(proc)
+        for proc, _url in servers.values():
+            stop_server(proc)
     print(f"1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores "
           "(above ~2.5 other processes were competing: absolute figures and llama.cpp suffer most)")
     summary = report(rows, args)
     summary.update(tokens=args.tokens, repeats=args.repeats, threads=args.threads, bundle=str(args.bundle),
+                   server_weights=args.server_weights,
                    machine=machine_info())
     print(json.dumps(summary))
     return 0

@@ -133,7 +133,7 @@ def export_bundle(
                 bar.update(1)
 
             blocks = export_blocks(model, spec, shapes, tmp, progress=on_block)
-        variants = _write_variants(tmp, blocks, schemes)
+        variants = _write_variants(tmp, blocks, schemes, model, spec.family, shapes)
         tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
         import torch
         import transformers
@@ -193,11 +193,12 @@ def export_bundle(
     return out_dir
 
 
-def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme]) -> dict[str, Any]:
+def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme], model: Any,
+                    family: str, shapes: Shapes) -> dict[str, Any]:
     """Each scheme's variant files into ``out_dir``; returns their manifest entries by name."""
     from splitllm_export.quantize import write_variant
 
-    return {scheme.name: write_variant(out_dir, list(blocks), scheme) for scheme in schemes}
+    return {scheme.name: write_variant(out_dir, list(blocks), scheme, model, family, shapes) for scheme in schemes}
 
 
 def _measure_variants(bundle: Bundle, variants: dict[str, Any]) -> None:

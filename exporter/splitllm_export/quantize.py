@@ -37,7 +37,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from splitllm.bundle import ModelShapes
 from splitllm.errors import ConfigError, ExportError
+from splitllm_export import fused
 from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore, _tensor_digest
 
 VARIANTS = ("fp16", "int8", "int4")
@@ -47,6 +49,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL = 4
 _INLINE_LIMIT_BYTES = 1024
 _MS_DOMAIN = "com.microsoft"
+_MS_OPS = frozenset({"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"})
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class _Rewriter:
 
     def _node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: Any) -> str:
         outs = outputs or [self._name(op)]
-        domain = _MS_DOMAIN if op == "MatMulNBits" else ""
+        domain = _MS_DOMAIN if op in _MS_OPS else ""
         self.nodes.append(helper.make_node(op, inputs, outs, name=self._name(op + "_node"), domain=domain, **attrs))
         return outs[0]
 
@@ -325,11 +328,14 @@ def _embedding_tables(protos: dict[str, onnx.ModelProto]) -> set[str]:
             if n.op_type == "Gather" and n.input[0] in {t.name for t in p.graph.initializer}}
 
 
-def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme) -> dict[str, Any]:
+def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model: Any = None,
+                  family: str | None = None, shapes: ModelShapes | None = None) -> dict[str, Any]:
     """Write ``<block>.<variant>.onnx`` for every block and ``weights.<variant>.bin``.
 
-    Returns the variant's manifest entry (blocks, files, scheme; the caller adds quality).
-    Raises ExportError when the fp32 blocks cannot be read.
+    With the torch ``model`` (and its ``family`` and ``shapes``), decoder layers that
+    :func:`splitllm_export.fused.fusable` accepts are built as fused layers from its weights;
+    other blocks are the fp32 graphs rewritten. Returns the variant's manifest entry (blocks,
+    files, scheme; the caller adds quality). Raises ExportError when the fp32 blocks cannot be read.
     """
     weights_name = f"weights.{scheme.name}.bin"
     try:
@@ -350,15 +356,29 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme) -> dic
     store = WeightStore(out_dir / weights_name)
     entry: dict[str, Any] = {"blocks": {}, "files": [weights_name], **scheme.describe()}
     totals = {"matmul": 0, "gather": 0, "kept": 0}
+    not_fused = "no model given" if model is None or family is None or shapes is None else fused.fusable(model, family)
+    rotary = fused.rotary_tables(model, shapes) if not_fused is None and shapes is not None else None
+    entry["fused_layers"] = not_fused is None
+    if not_fused is not None:
+        entry["not_fused_because"] = not_fused
     try:
         for block in blocks:
             proto = protos[block.name]
-            rewriter = _Rewriter(proto, block.name, scheme, load, tables)
-            rewriter.run()
+            inputs = block.inputs
+            index = int(block.name.split(".")[1]) if block.name.startswith("layer.") else None
+            if rotary is not None and index is not None and shapes is not None:
+                proto = fused.layer_proto(index, shapes, proto)
+                rewriter = _Rewriter(proto, block.name, scheme, load, tables)
+                fused.fused_layer(rewriter, model.model.layers[index], index, shapes, rotary, scheme.layer_bits)
+                inputs = [i.name for i in proto.graph.input]
+                rewriter.stats["matmul"] += 7
+            else:
+                rewriter = _Rewriter(proto, block.name, scheme, load, tables)
+                rewriter.run()
             _install_tensors(proto, rewriter, store, weights_name)
             file = block.file.replace(".onnx", f".{scheme.name}.onnx")
             onnx.save_model(proto, str(out_dir / file))
-            entry["blocks"][block.name] = {"file": file, "inputs": block.inputs, "outputs": block.outputs,
+            entry["blocks"][block.name] = {"file": file, "inputs": inputs, "outputs": block.outputs,
                                            "params": block.params}
             entry["files"].append(file)
             totals = {k: totals[k] + rewriter.stats[k] for k in totals}

@@ -164,7 +164,7 @@ class SplitClient:
         elif self.profile is None:
             threads = self.options.intra_op_threads
             self.profile = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: load_or_measure(self.bundle, threads=threads))
+                self._executor, lambda: load_or_measure(self.bundle, threads=threads, variant=self.weights))
         await self.remote.probe()
         self.follower = PolicyFollower(sla, self.profile)
         await self.follower.refresh(self.remote, self.codec, prompt_tokens)

@@ -88,8 +88,9 @@ def measure(
     repeats: int = 5,
     options: RuntimeOptions | None = None,
     progress=None,  # noqa: ANN001 - optional callable(unit)
+    variant: str = "fp32",
 ) -> Profile:
-    """Time every unit of ``bundle`` here."""
+    """Time every unit of ``bundle`` here, with the ``variant`` weights generation will use."""
     if prefill_tokens < 1 or context < 0 or repeats < 1:
         raise ConfigError("prefill_tokens and repeats must be >= 1 and context >= 0")
     options = options or RuntimeOptions()
@@ -97,7 +98,7 @@ def measure(
     rng = np.random.default_rng(0)
     prefill, decode = [], []
     for unit in range(bundle.num_units):
-        seg = Segment(bundle, unit, unit + 1, last_logits_only=True, options=options)
+        seg = Segment(bundle, unit, unit + 1, last_logits_only=True, options=options, variant=variant)
         if unit == 0:
             x_prefill = rng.integers(0, shapes.vocab_size, (1, prefill_tokens), dtype=np.int64)
             x_decode = x_prefill[:, :1]
@@ -126,15 +127,17 @@ def default_cache_dir() -> Path:
 
 
 def load_or_measure(bundle: Bundle, *, threads: int = 0, cache_dir: Path | None = None, refresh: bool = False,
-                    **kwargs: Any) -> Profile:
-    """The cached profile for this bundle and thread count, measured (and cached) if missing."""
-    path = (cache_dir or default_cache_dir()) / f"profile-{bundle.bundle_id[:16]}-t{threads}.json"
+                    variant: str = "fp32", **kwargs: Any) -> Profile:
+    """The cached profile for this bundle, weights variant and thread count, measured (and cached) if missing."""
+    weights = "" if variant == "fp32" else f"-{variant}"
+    path = (cache_dir or default_cache_dir()) / f"profile-{bundle.bundle_id[:16]}{weights}-t{threads}.json"
     if path.is_file() and not refresh:
         try:
             return Profile.from_dict(json.loads(path.read_text()), bundle.num_units)
         except (OSError, ValueError, ConfigError):
             pass  # unreadable cache: measure again
-    profile = measure(bundle, options=RuntimeOptions(intra_op_threads=threads, allow_spinning=False), **kwargs)
+    profile = measure(bundle, options=RuntimeOptions(intra_op_threads=threads, allow_spinning=False), variant=variant,
+                      **kwargs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

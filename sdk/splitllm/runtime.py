@@ -3,6 +3,12 @@
 The same code runs on the device (the prefix) and on the server (the suffix), so both sides
 feed graphs identically: position ids continue from the cache length, and the attention mask
 is an additive causal mask of shape (B, 1, T, P+T) built here in numpy.
+
+Ranges of fused layers (device weight variants, GroupQueryAttention) take ``seqlens_k`` and
+``total_seq_len`` instead, and by default write their keys and values in place: each layer's
+cache is a preallocated (B, KV, capacity, D) buffer bound with IOBinding as both the past input
+and the present output, so a step appends T positions instead of copying the whole cache. The
+cache still hands out exact-length views, so moving, truncating and sending it work as before.
 """
 
 from __future__ import annotations
@@ -90,13 +96,21 @@ def causal_mask(batch: int, n_tokens: int, past_len: int) -> np.ndarray:
     return np.broadcast_to(mask, (batch, 1, n_tokens, total)).copy()
 
 
+_CAPACITY_STEP = 256  # preallocated KV buffers grow in multiples of this many positions
+
+
 class KVCache:
-    """Per-unit key/value arrays (B, KV, P, D) for the decoder layers a side has run."""
+    """Per-unit key/value arrays (B, KV, P, D) for the decoder layers a side has run.
+
+    ``get`` returns exact-length arrays; for units a fused range has run they are views into a
+    larger preallocated buffer (see :meth:`buffers`) that the next step extends in place.
+    """
 
     def __init__(self, shapes: ModelShapes, batch: int = 1) -> None:
         self.shapes = shapes
         self.batch = batch
         self._kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._buf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._empty = np.zeros((batch, shapes.num_kv_heads, 0, shapes.head_dim), dtype=np.float32)
 
     def get(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +118,36 @@ class KVCache:
 
     def set(self, unit: int, key: np.ndarray, value: np.ndarray) -> None:
         self._kv[unit] = (key, value)
+        self._buf.pop(unit, None)
+
+    def buffers(self, unit: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, KV, capacity, D) key and value buffers of ``unit`` holding its cache, capacity >= ``length``.
+
+        The cached positions are copied in only when the unit has no buffer yet or outgrows it
+        (capacity grows in steps of 256 positions, at least doubling, capped at the model's
+        context unless ``length`` is beyond it).
+        """
+        key, value = self.get(unit)
+        held = self._buf.get(unit)
+        if held is not None and held[0].shape[2] >= length and key.base is held[0]:
+            return held
+        past = key.shape[2]
+        old = held[0].shape[2] if held is not None else 0
+        capacity = max(length, 2 * old, _CAPACITY_STEP)
+        capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
+        capacity = max(min(capacity, self.shapes.max_context), length)
+        shape = (key.shape[0] if past else self.batch, self.shapes.num_kv_heads, capacity, self.shapes.head_dim)
+        new = (np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32))
+        new[0][:, :, :past] = key
+        new[1][:, :, :past] = value
+        self._buf[unit] = new
+        self._kv[unit] = (new[0][:, :, :past], new[1][:, :, :past])
+        return new
+
+    def _grown(self, unit: int, length: int) -> None:
+        """The unit's buffers now hold ``length`` valid positions (written in place by ORT)."""
+        key, value = self._buf[unit]
+        self._kv[unit] = (key[:, :, :length], value[:, :, :length])
 
     def length(self, unit: int) -> int:
         kv = self._kv.get(unit)
@@ -119,15 +163,19 @@ class KVCache:
                 k, v = self._kv[unit]
                 if length == 0:
                     del self._kv[unit]
+                    self._buf.pop(unit, None)
                 else:
                     self._kv[unit] = (k[:, :, :length], v[:, :, :length])
 
     def drop(self, units: range) -> None:
         for unit in units:
             self._kv.pop(unit, None)
+            self._buf.pop(unit, None)
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self._kv.values())
+        """Bytes held, preallocated capacity included."""
+        return sum(k.nbytes + v.nbytes for unit, (k, v) in self._kv.items() if unit not in self._buf) + sum(
+            k.nbytes + v.nbytes for k, v in self._buf.values())
 
 
 class Segment:
@@ -135,6 +183,8 @@ class Segment:
 
     ``variant`` chooses the weights ("fp32", the exact blocks, or a device variant of the
     bundle such as "int4"); ConfigError names the bundle's variants when it has no such one.
+    ``bind_kv`` (default on) makes a range of fused layers write its cache in place (module
+    docstring); off, or for exported layer graphs, every step's outputs replace the cache.
     """
 
     def __init__(
@@ -146,6 +196,7 @@ class Segment:
         last_logits_only: bool = True,
         options: RuntimeOptions | None = None,
         variant: str = "fp32",
+        bind_kv: bool = True,
     ) -> None:
         self.bundle = bundle
         self.start, self.end = start, end
@@ -160,6 +211,10 @@ class Segment:
         self.emits_logits = end == bundle.num_units
         self.main_output = "logits" if self.emits_logits else f"h{end - 1}"
         self.main_input = "input_ids" if self.takes_ids else f"h{start - 1}"
+        # Fused layers (GroupQueryAttention) can share past and present buffers: bind them.
+        self.binds_kv = bind_kv and "seqlens_k" in self.input_names and bool(self.layer_units)
+        self._io: ort.IOBinding | None = None
+        self._bound: dict[str, np.ndarray] = {}  # name -> the buffer bound to it (kept alive here)
 
     def run(self, x: np.ndarray, cache: KVCache, past_len: int) -> np.ndarray:
         """Run T new positions after ``past_len`` cached ones; returns hidden (B,T,H) or logits.
@@ -179,6 +234,11 @@ class Segment:
             feeds["position_ids"] = np.broadcast_to(positions, (batch, n_tokens))
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = causal_mask(batch, n_tokens, past_len)
+        if "seqlens_k" in self.input_names:  # fused layers (GroupQueryAttention) of a device variant
+            feeds["seqlens_k"] = np.full(batch, past_len + n_tokens - 1, dtype=np.int32)
+            feeds["total_seq_len"] = np.array(past_len + n_tokens, dtype=np.int32)
+        if self.binds_kv:
+            return self._run_bound(feeds, cache, past_len + n_tokens)
         for unit in self.layer_units:
             key, value = cache.get(unit)
             feeds[f"past_key.{unit - 1}"] = key
@@ -191,3 +251,28 @@ class Segment:
         for unit in self.layer_units:
             cache.set(unit, named[f"present_key.{unit - 1}"], named[f"present_value.{unit - 1}"])
         return named[self.main_output]
+
+    def _run_bound(self, feeds: dict[str, Any], cache: KVCache, total: int) -> np.ndarray:
+        """One run with every layer's past and present bound to the same preallocated buffer."""
+        if self._io is None:
+            self._io = self.session.io_binding()
+            self._io.bind_output(self.main_output, "cpu")  # first bound: get_outputs()[0] from now on
+        io = self._io
+        for unit in self.layer_units:
+            for name, buf in zip(("key", "value"), cache.buffers(unit, total), strict=True):
+                past, present = f"past_{name}.{unit - 1}", f"present_{name}.{unit - 1}"
+                if self._bound.get(past) is not buf:
+                    value = ort.OrtValue.ortvalue_from_numpy(buf)
+                    io.bind_ortvalue_input(past, value)
+                    io.bind_ortvalue_output(present, value)
+                    self._bound[past] = buf
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        io.bind_output(self.main_output, "cpu")  # unallocated again: its shape changes with T
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise RuntimeFailure(f"running units [{self.start}, {self.end}) failed: {exc}") from exc
+        for unit in self.layer_units:
+            cache._grown(unit, total)  # noqa: SLF001 - the cache's own bookkeeping
+        return io.get_outputs()[0].numpy()

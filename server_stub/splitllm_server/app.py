@@ -44,7 +44,8 @@ async def _auth(request: web.Request, handler):  # noqa: ANN001, ANN202
 
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"status": "ok", "model": state.bundle.model_id, "sessions": len(state.sessions)})
+    return web.json_response({"status": "ok", "model": state.bundle.model_id, "weights": state.engine.variant,
+                              "sessions": len(state.sessions)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -53,7 +54,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def manifest(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"bundle_id": state.bundle.bundle_id, "manifest": state.bundle.manifest})
+    return web.json_response({"bundle_id": state.bundle.bundle_id, "weights": state.engine.variant,
+                              "manifest": state.bundle.manifest})
 
 
 async def session_ws(request: web.Request) -> web.WebSocketResponse:
@@ -106,7 +108,7 @@ def create_app(config: ServerConfig) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
         options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
-        engine = Engine(bundle, cache_size=config.segment_cache, options=options)
+        engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights)
         app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
         reaper = asyncio.create_task(_reap_idle(app))
         # Load the suffix of the split clients use by default before the first one asks, so

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-spinning", action="store_true", help="stop idle ORT threads from spinning")
     p.add_argument("--segment-cache", type=int, default=4, help="composed range sessions kept loaded")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
+    p.add_argument("--weights", default="fp32",
+                   help="weights to run: fp32 (exact, default) or a variant the bundle has (fp16, int8, int4)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="decode steps in a row per session")
     p.add_argument("--max-steps-per-s", type=float, default=1000.0, help="requests per second per connection")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM): serve https/wss")
@@ -53,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bundle=Path(args.bundle), host=args.host, port=args.port, token=token,
         max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes, max_context=args.max_context,
         idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, intra_op_threads=args.threads,
-        allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify,
+        allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify, weights=args.weights,
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
         certfile=Path(args.certfile) if args.certfile else None,
         keyfile=Path(args.keyfile) if args.keyfile else None,

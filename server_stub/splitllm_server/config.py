@@ -15,6 +15,9 @@ class ServerConfig:
     ``token``: when set, every HTTP and WebSocket request needs ``Authorization: Bearer <token>``.
     ``segment_cache``: how many composed range sessions stay loaded (each holds its layers' weights).
     ``intra_op_threads``: ORT threads for the server's segments (0 = one per core).
+    ``weights``: which of the bundle's weights the server runs: "fp32" (the exact blocks, the
+    default) or a device variant the bundle carries ("fp16", "int8", "int4"), which trades the
+    exactness of split generation for the variant's speed and memory.
     Limits, each with its own error code: ``max_frame_bytes`` (frame_too_large; frames over twice
     the limit close the connection), ``max_sessions`` (too_many_sessions), ``max_context``
     (context_too_long), ``max_new_tokens`` decode steps in a row (too_many_tokens),
@@ -39,6 +42,7 @@ class ServerConfig:
     intra_op_threads: int = 0
     allow_spinning: bool = True
     verify_bundle: bool = True
+    weights: str = "fp32"
     server_name: str = "splitllm-server"
 
     def __post_init__(self) -> None:

@@ -27,8 +27,9 @@ class RunTiming:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, *, cache_size: int, options: RuntimeOptions) -> None:
+    def __init__(self, bundle: Bundle, *, cache_size: int, options: RuntimeOptions, variant: str = "fp32") -> None:
         self.bundle = bundle
+        self.variant = bundle.check_variant(variant)
         self.options = options
         self.cache_size = cache_size
         self._segments: OrderedDict[tuple[int, int, bool], Segment] = OrderedDict()
@@ -46,7 +47,8 @@ class Engine:
             if seg is not None:
                 self._segments.move_to_end(key)
                 return seg
-        seg = Segment(self.bundle, start, end, last_logits_only=last_logits_only, options=self.options)
+        seg = Segment(self.bundle, start, end, last_logits_only=last_logits_only, options=self.options,
+                      variant=self.variant)
         with self._lock:
             self._segments[key] = seg
             while len(self._segments) > self.cache_size:

@@ -50,7 +50,8 @@ async def server_profile(state) -> Profile:  # noqa: ANN001 - ServerState
         async with state.profile_lock:
             if state.profile is None:
                 threads = state.config.intra_op_threads
-                state.profile = await state.engine.call(lambda: load_or_measure(state.bundle, threads=threads))
+                state.profile = await state.engine.call(lambda: load_or_measure(state.bundle, threads=threads,
+                                                                                variant=state.engine.variant))
     return state.profile
 
 
