@@ -1,11 +1,13 @@
 """Where a local decode step's time goes: ONNX Runtime's own profile, per op type, per weights variant.
 
 Run: ``python benchmarks/step_profile.py [--bundle bundles/smollm2-variants] [--weights fp32,int4]
-[--context 51] [--steps 64] [--threads 2]``
+[--context 51] [--long-context 1000] [--steps 64] [--threads 2]``
 
 For each weights variant: one fused session over every unit (what ``SplitClient(local=True)``
 runs), a prefill of ``--context`` tokens, then ``--steps`` single-token decode steps. First
-without profiling (median step time: the honest figure), then again with ORT's profiler on
+without profiling (median step time: the honest figure), with the cache bound in place and
+copied each step (``Segment(bind_kv=False)``), after ``--context`` and ``--long-context``
+positions; then again with ORT's profiler on
 (which slows every node down by its own bookkeeping, so only the shares are meaningful): the
 nodes per step and, per op type, the kernel time per step and its share. Last line: one JSON object.
 """
@@ -17,12 +19,13 @@ import collections
 import json
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from _baselines import REPO, machine_header
 
 from splitllm.bundle import Bundle
@@ -44,18 +47,24 @@ def _steps(seg: Segment, bundle: Bundle, context: int, steps: int) -> list[float
     return times
 
 
-def profile(bundle: Bundle, weights: str, context: int, steps: int, threads: int) -> dict[str, Any]:
-    options = RuntimeOptions(intra_op_threads=threads)
-    seg = Segment(bundle, 0, bundle.num_units, options=options, variant=weights)
+def _median_step_ms(bundle: Bundle, weights: str, options: RuntimeOptions, context: int, steps: int,
+                    bind_kv: bool) -> float:
+    seg = Segment(bundle, 0, bundle.num_units, options=options, variant=weights, bind_kv=bind_kv)
     _steps(seg, bundle, context, 4)  # warm-up
-    step_ms = statistics.median(_steps(seg, bundle, context, steps)) * 1e3
+    return statistics.median(_steps(seg, bundle, context, steps)) * 1e3
 
-    so = options.session_options()
-    so.enable_profiling = True
-    so.profile_file_prefix = f"/tmp/splitllm-step-profile-{weights}"
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
-    graph = bundle.range_graph(0, bundle.num_units, last_logits_only=True, variant=weights)
-    seg.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+
+def profile(bundle: Bundle, weights: str, context: int, long_context: int, steps: int,
+            threads: int) -> dict[str, Any]:
+    options = RuntimeOptions(intra_op_threads=threads)
+    timings = {}
+    for ctx in (context, long_context):
+        for bind in (True, False):
+            timings[(ctx, bind)] = _median_step_ms(bundle, weights, options, ctx, steps, bind)
+    step_ms = timings[(context, True)]
+
+    prefix = str(Path(tempfile.gettempdir()) / f"splitllm-step-profile-{weights}")
+    seg = Segment(bundle, 0, bundle.num_units, options=replace(options, profile_prefix=prefix), variant=weights)
     _steps(seg, bundle, context, steps)
     trace = Path(seg.session.end_profiling())
     events = json.loads(trace.read_text())
@@ -75,6 +84,10 @@ def profile(bundle: Bundle, weights: str, context: int, steps: int, threads: int
         "weights": weights,
         "step_ms": round(step_ms, 2),
         "tok_per_s": round(1e3 / step_ms, 1),
+        "step_ms_kv_copied": round(timings[(context, False)], 2),
+        "long_context": long_context,
+        "long_step_ms": round(timings[(long_context, True)], 2),
+        "long_step_ms_kv_copied": round(timings[(long_context, False)], 2),
         "nodes_per_step": round(sum(count.values()) / n),
         "profiled_kernel_us_per_step": round(total),
         "ops": [
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--weights", default="fp32,int4", help="comma-separated variants of the bundle")
     parser.add_argument("--context", type=int, default=51, help="prompt tokens before the decode steps")
+    parser.add_argument("--long-context", type=int, default=1000, help="prompt tokens for the long-context timing")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="op types printed per variant")
@@ -98,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for weights in [w for w in args.weights.split(",") if w]:
         bundle.check_variant(weights)
-        r = profile(bundle, weights, args.context, args.steps, args.threads)
+        r = profile(bundle, weights, args.context, args.long_context, args.steps, args.threads)
         results.append(r)
         fused = (bundle.manifest.get("variants", {}).get(weights, {}) or {}).get("fused_layers", False)
         print(f"\n{weights} ({'fused layers' if fused else 'exported layer graphs'}): decode step {r['step_ms']:.2f} ms "
               f"({r['tok_per_s']:.1f} tok/s) unprofiled; {r['nodes_per_step']} nodes per step; profiled kernels "
               f"{r['profiled_kernel_us_per_step'] / 1e3:.2f} ms per step")
+        print(f"  step ms, KV bound in place / copied each step: {r['step_ms']:.2f} / {r['step_ms_kv_copied']:.2f} "
+              f"after {args.context} positions, {r['long_step_ms']:.2f} / {r['long_step_ms_kv_copied']:.2f} "
+              f"after {args.long_context}" + ("" if fused else " (exported layer graphs: nothing to bind, the same path)"))
         print(f"  {'op type':32s} {'us/step':>8s} {'share':>6s} {'nodes':>6s}")
         for op in r["ops"][: args.top]:
             print(f"  {op['op']:32s} {op['us']:8d} {op['share']:6.1%} {op['nodes']:6d}")

@@ -35,12 +35,14 @@ class RuntimeOptions:
 
     ``intra_op_threads=0`` lets ORT pick (one per core). ``allow_spinning`` keeps idle pool
     threads spinning for lower latency; turn it off when several sessions share few cores
-    (see FACTS: many spinning pools on 2 cores starve each other).
+    (see FACTS: many spinning pools on 2 cores starve each other). ``profile_prefix`` turns on
+    ORT's profiler, writing ``<prefix>_<date>.json`` when ``session.end_profiling()`` is called.
     """
 
     intra_op_threads: int = 0
     allow_spinning: bool = True
     optimization: str = "all"
+    profile_prefix: str | None = None
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -63,6 +65,9 @@ class RuntimeOptions:
             # does not burn the cores its server (or the next segment) needs between steps.
             so.add_session_config_entry("session.force_spinning_stop", "1")
         so.log_severity_level = 3
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_prefix
         return so
 
 
