@@ -1,5 +1,10 @@
 """The client's end of the WebSocket: connect, handshake, one request at a time, errors mapped.
 
+A reader task receives every frame as it arrives and hands each reply to the request waiting
+for its ``seq``. Because a receive is always pending, aiohttp answers the server's heartbeat
+pings (and sees the answers to its own) while the client is idle between turns, so a user who
+reads for minutes keeps the session instead of paying a reconnect and a replay.
+
 Foreign errors (aiohttp, OSError, timeouts) become ServerUnavailable / AuthError naming the URL;
 Error frames become the splitllm.errors class the server named.
 """
@@ -79,8 +84,12 @@ class Remote:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.welcome: wire.Welcome | None = None
         self.stats = LinkStats()
+        self.heartbeat_s = 30.0  # WebSocket ping interval; the server pings on its own schedule too
         self._seq = 0
         self._lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._waiter: tuple[int | None, asyncio.Future[tuple[wire.Message, int]]] | None = None
+        self._closed_reason: str | None = None  # why the server ended the session while no request waited
 
     def _ws_url(self) -> str:
         if self.url.startswith("https://"):
@@ -94,8 +103,8 @@ class Remote:
         if self.http is None:
             self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout_s))
         try:
-            self.ws = await self.http.ws_connect(self._ws_url(), headers=headers, max_msg_size=0, heartbeat=30.0,
-                                                ssl=self.ssl)
+            self.ws = await self.http.ws_connect(self._ws_url(), headers=headers, max_msg_size=0,
+                                                heartbeat=self.heartbeat_s, ssl=self.ssl)
         except aiohttp.WSServerHandshakeError as exc:
             await self.close()
             if exc.status == 401:
@@ -104,6 +113,8 @@ class Remote:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             await self.close()
             raise ServerUnavailable(f"cannot reach the SplitLLM server at {self.url}: {exc or type(exc).__name__}") from exc
+        self._closed_reason = None
+        self._reader = asyncio.create_task(self._read(self.ws), name=f"splitllm-reader {self.url}")
         hello = wire.Hello(bundle_id=bundle_id, codec=codec, client_name=self.client_name, session_id="",
                            token=self.token or "")
         try:
@@ -121,25 +132,56 @@ class Remote:
         self._seq = (self._seq + 1) % 2**31
         return self._seq
 
-    async def _exchange(self, msg: wire.Message) -> wire.Message:
-        if self.ws is None or self.ws.closed:
-            raise ServerUnavailable(f"the connection to {self.url} is closed")
-        data = wire.pack(msg)
-        expected_seq = getattr(msg, "seq", None)
-        started = time.perf_counter()
-        deadline = time.monotonic() + self.timeout_s
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Receive frames until the connection ends; each reply goes to the request awaiting it."""
+        ended = ServerUnavailable(f"the server at {self.url} closed the session")
         try:
-            await self.ws.send_bytes(data)
             while True:
-                frame = await self.ws.receive(timeout=max(deadline - time.monotonic(), 0.001))
-                if frame.type != aiohttp.WSMsgType.BINARY:
-                    extra = f" ({frame.extra})" if frame.extra else ""
-                    raise ServerUnavailable(f"the server at {self.url} closed the session{extra}")
-                reply = wire.unpack(frame.data)
-                reply_seq = getattr(reply, "seq", None)
-                # A reply to an earlier request that timed out or was cancelled: skip it.
-                if expected_seq is None or reply_seq in (None, -1, expected_seq):
+                frame = await ws.receive()
+                if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                                  aiohttp.WSMsgType.ERROR):
+                    if frame.extra:
+                        ended = ServerUnavailable(f"the server at {self.url} closed the session ({frame.extra})")
                     break
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    continue  # text frames are not part of the protocol; pings are answered by aiohttp
+                try:
+                    reply = wire.unpack(frame.data)
+                except SplitLLMError as exc:  # a malformed frame fails the request it was meant for
+                    self._resolve(None, exc, 0)
+                    continue
+                if isinstance(reply, wire.Close) and self._waiter is None:
+                    self._closed_reason = reply.reason
+                self._resolve(reply, None, len(frame.data))
+        except (aiohttp.ClientError, OSError, ConnectionError) as exc:
+            ended = ServerUnavailable(f"lost the connection to {self.url}: {exc}")
+        finally:
+            self._resolve(None, ended, 0)
+
+    def _resolve(self, reply: wire.Message | None, error: Exception | None, size: int) -> None:
+        """Complete the waiting request with ``reply`` (if it is the answer to it) or ``error``."""
+        if self._waiter is None:
+            return  # a stale reply to a request that timed out or was cancelled, or nobody waits
+        expected, future = self._waiter
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        elif expected is None or getattr(reply, "seq", None) in (None, -1, expected):
+            future.set_result((reply, size))  # type: ignore[arg-type]
+
+    async def _exchange(self, msg: wire.Message) -> wire.Message:
+        ws = self.ws
+        if ws is None or not self.connected:
+            reason = f": {self._closed_reason}" if self._closed_reason else ""
+            raise ServerUnavailable(f"the connection to {self.url} is closed{reason}")
+        data = wire.pack(msg)
+        started = time.perf_counter()
+        future: asyncio.Future[tuple[wire.Message, int]] = asyncio.get_running_loop().create_future()
+        self._waiter = (getattr(msg, "seq", None), future)
+        try:
+            await ws.send_bytes(data)
+            reply, size = await asyncio.wait_for(future, self.timeout_s)
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
             await self._broken()
             raise ServerUnavailable(f"lost the connection to {self.url}: {exc}") from exc
@@ -149,9 +191,11 @@ class Remote:
         except ServerUnavailable:
             await self._broken()
             raise
+        finally:
+            self._waiter = None
         wall_ms = (time.perf_counter() - started) * 1e3
         server_ms = getattr(reply, "server_ms", 0.0)
-        self.stats.record(len(data), len(frame.data), wall_ms, server_ms, getattr(reply, "queue_ms", 0.0))
+        self.stats.record(len(data), size, wall_ms, server_ms, getattr(reply, "queue_ms", 0.0))
         if isinstance(reply, wire.Error):
             if reply.fatal:
                 await self._broken()
@@ -164,12 +208,21 @@ class Remote:
     async def _broken(self) -> None:
         """Forget a connection that can no longer be trusted (the next request reconnects)."""
         ws, self.ws = self.ws, None
+        reader, self._reader = self._reader, None
         if ws is not None and not ws.closed:
             await ws.close()
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+
+    @property
+    def closed_reason(self) -> str | None:
+        """The reason the server gave when it ended the session between requests, else None."""
+        return self._closed_reason
 
     @property
     def connected(self) -> bool:
-        return self.ws is not None and not self.ws.closed
+        return (self.ws is not None and not self.ws.closed and self._reader is not None
+                and not self._reader.done() and self._closed_reason is None)
 
     async def request(self, msg: wire.Message) -> wire.Message:
         async with self._lock:
@@ -222,7 +275,10 @@ class Remote:
                 await self.ws.close()
             except (aiohttp.ClientError, OSError, ConnectionError):
                 pass
+        if self._reader is not None:
+            self._reader.cancel()
         if self.http is not None:
             await self.http.close()
         self.ws = None
+        self._reader = None
         self.http = None

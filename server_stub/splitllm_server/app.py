@@ -66,7 +66,7 @@ async def session_ws(request: web.Request) -> web.WebSocketResponse:
         raise web.HTTPUnauthorized(text='{"error": "unauthorized"}', content_type="application/json")
     # Frames up to twice the limit arrive and get a frame_too_large error; larger ones make
     # aiohttp close the connection (1009) without buffering them.
-    ws = web.WebSocketResponse(max_msg_size=2 * state.config.max_frame_bytes, heartbeat=30.0)
+    ws = web.WebSocketResponse(max_msg_size=2 * state.config.max_frame_bytes, heartbeat=state.config.heartbeat_s)
     await ws.prepare(request)
     conn = Connection(state, ws, header_token_ok=header_ok and state.config.token is not None)
     request.app[CONNECTIONS].add(conn)

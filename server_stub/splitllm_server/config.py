@@ -18,6 +18,8 @@ class ServerConfig:
     ``weights``: which of the bundle's weights the server runs: "fp32" (the exact blocks, the
     default) or a device variant the bundle carries ("fp16", "int8", "int4"), which trades the
     exactness of split generation for the variant's speed and memory.
+    ``heartbeat_s``: WebSocket ping interval; a connection whose client does not answer a ping
+    within half of it is closed.
     Limits, each with its own error code: ``max_frame_bytes`` (frame_too_large; frames over twice
     the limit close the connection), ``max_sessions`` (too_many_sessions), ``max_context``
     (context_too_long), ``max_new_tokens`` decode steps in a row (too_many_tokens),
@@ -43,6 +45,7 @@ class ServerConfig:
     allow_spinning: bool = True
     verify_bundle: bool = True
     weights: str = "fp32"
+    heartbeat_s: float = 30.0
     server_name: str = "splitllm-server"
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class ServerConfig:
             raise ConfigError("TLS needs both certfile and keyfile")
         if self.max_steps_per_s <= 0:
             raise ConfigError(f"max_steps_per_s must be > 0, got {self.max_steps_per_s}")
+        if not self.heartbeat_s > 0:
+            raise ConfigError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
         for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
