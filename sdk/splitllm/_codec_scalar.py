@@ -120,5 +120,11 @@ class IntBlockCodec(Codec):
         if codes.size and int(codes.max()) > 2 * self.qmax:
             raise CodecError(f"{self.name}: code {int(codes.max())} out of range [0, {2 * self.qmax}]")
         values = self._levels.take(codes).reshape(rows, cols)  # (R, C) code -> code - qmax
-        per_value = np.repeat(half.astype(np.float32).reshape(rows, nblocks), self.block, axis=1)
-        return (values * per_value[:, :cols]).reshape(shape)
+        # One scale per value, exactly C columns: the last block may be short, and a row shorter
+        # than a block must not be expanded to a whole block (a (N, 1) tensor would grow 64x).
+        if values.size == 0:  # no values: do not build a per-block table for a 0-row shape
+            return values.reshape(shape)
+        counts = np.full(nblocks, self.block, dtype=np.int64)
+        counts[-1] = cols - (nblocks - 1) * self.block
+        values *= np.repeat(half.astype(np.float32).reshape(rows, nblocks), counts, axis=1)
+        return values.reshape(shape)
