@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from helpers import chat_ids
 
+from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
 from splitllm.sampling import SamplingParams
 from splitllm_export.validate import reference_run
@@ -36,6 +37,22 @@ async def test_tiny_models_through_the_server_match_transformers_at_every_split(
             assert await _generate(client, ids) == ref, f"split {split}"
     async with SplitClient(path, local=True) as client:
         assert await _generate(client, ids) == ref, "local"
+
+
+async def test_llama_layers_exported_from_pytorch_stay_exact_at_every_split(tmp_path, start_server):
+    """--layer-graphs exported: the PyTorch-exported Llama layers (the fused ones are the default)."""
+    from splitllm_export.export import export_bundle
+    from splitllm_export.sources import load_tiny
+
+    source = load_tiny("llama", num_layers=3)
+    path = export_bundle(source, tmp_path / "exported", show_progress=False, fused_layers=False)
+    assert Bundle.open(path).manifest["export"]["layer_graphs"] == "exported"
+    ids = _ids(source)
+    ref = reference_run(source.model, ids, NEW_TOKENS - 1).tokens
+    server = await start_server(path)
+    for split in range(4):
+        async with SplitClient(path, server.url, split=split, codec="fp32") as client:
+            assert await _generate(client, ids) == ref, f"split {split}"
 
 
 @pytest.mark.smollm

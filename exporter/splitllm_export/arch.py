@@ -9,6 +9,10 @@ SDK can compose any contiguous range of them without knowing the family:
     head       h{L} (B,T,H)                                            -> logits (B,T,V)
     head_last  h{L} (B,T,H)                                            -> logits (B,1,V)   (last position only)
 
+Llama-family layers are by default not exported from these modules but built from the weights
+as fused ONNX Runtime kernels (splitllm_export.fused): their interface takes ``seqlens_k`` (B,)
+and ``total_seq_len`` () int32 in place of ``position_ids`` and ``attention_mask``.
+
 The attention core is written here (explicit KV concat, additive mask) instead of calling the
 transformers attention module, because the latter threads a Cache object through that the
 TorchScript exporter cannot trace; projections, norms and MLPs are the model's own modules.

@@ -155,8 +155,19 @@ def export_blocks(
     shapes: Shapes,
     out_dir: Path,
     progress: Callable[[str], None] | None = None,
+    fused_layers: bool = True,
 ) -> list[BlockInfo]:
-    """Write embed.onnx, layer_{i}.onnx, head.onnx, head_last.onnx and weights.bin into out_dir."""
+    """Write embed.onnx, layer_{i}.onnx, head.onnx, head_last.onnx and weights.bin into out_dir.
+
+    With ``fused_layers`` (default) decoder layers that ``splitllm_export.fused`` can build are
+    written as fused fp32 layers from the weights (GroupQueryAttention, ~20 nodes); the other
+    blocks, and every block of a family without a fused form, are exported from PyTorch.
+    """
+    from splitllm_export import fused
+
+    rotary = None
+    if fused_layers and fused.fusable(model, spec.family) is None:
+        rotary = fused.rotary_tables(model, shapes)
     b, t, p = 1, 3, 2
     h, kv, d = shapes.hidden_size, shapes.num_kv_heads, shapes.head_dim
     ids = torch.zeros((b, t), dtype=torch.int64)
@@ -186,6 +197,17 @@ def export_blocks(
             emit("embed", "embed.onnx", spec.embed(model), embed_args, embed_ins, ["h0"],
                  {n: batch_seq for n in embed_ins} | {"h0": batch_seq})
             for i in range(shapes.num_layers):
+                if rotary is not None:
+                    name = f"layer.{i}"
+                    if progress:
+                        progress(name)
+                    proto = fused.exact_layer(model, i, shapes, rotary, OPSET)
+                    ins = [v.name for v in proto.graph.input]
+                    outs = [v.name for v in proto.graph.output]
+                    _rewrite(proto, name, set(ins) | set(outs), store)
+                    onnx.save_model(proto, str(out_dir / f"layer_{i}.onnx"))
+                    blocks.append(BlockInfo(name, f"layer_{i}.onnx", ins, outs, _count_params(spec.layer(model, i))))
+                    continue
                 ins = [f"h{i}"]
                 args: list[torch.Tensor] = [hidden]
                 if spec.layer_uses_positions:

@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
                         help="weights per quantisation block of int8/int4 variants (default 32)")
     parser.add_argument("--server-weights", choices=["fp32"], default="fp32",
-                        help="weights of the server's blocks: fp32 only (the exact, validated ones)")
+                        help="weights of the server's blocks: fp32 only (the exact, validated ones); "
+                        "splitllm-server --weights runs a variant instead")
+    parser.add_argument("--layer-graphs", choices=["fused", "exported"], default="fused",
+                        help="decoder layers as fused ONNX Runtime kernels built from the weights (default; "
+                        "Llama family) or as graphs exported from PyTorch")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -90,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             show_progress=not args.quiet,
             client_weights=args.client_weights,
             block_size=args.block_size,
+            fused_layers=args.layer_graphs == "fused",
         )
         from splitllm.bundle import Bundle
         from splitllm.cli import bundle_summary

@@ -98,6 +98,7 @@ def export_bundle(
     show_progress: bool = True,
     client_weights: Sequence[str] = (),
     block_size: int = 32,
+    fused_layers: bool = True,
 ) -> Path:
     """Export ``source`` as a bundle at ``out_dir`` and return its path.
 
@@ -105,6 +106,8 @@ def export_bundle(
     adds device weight variants ("fp16", "int8", "int4"; see splitllm_export.quantize) next to
     the fp32 blocks, which stay byte-for-byte what they are without them; with validation on,
     each variant's teacher-forced quality against fp32 goes into its manifest entry.
+    ``fused_layers`` builds Llama-family decoder layers from the weights with ONNX Runtime's
+    fused kernels (splitllm_export.fused) instead of exporting them from PyTorch.
     Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
     """
     from splitllm.text import TextCodec
@@ -132,7 +135,7 @@ def export_bundle(
                 bar.set_postfix_str(name)
                 bar.update(1)
 
-            blocks = export_blocks(model, spec, shapes, tmp, progress=on_block)
+            blocks = export_blocks(model, spec, shapes, tmp, progress=on_block, fused_layers=fused_layers)
         variants = _write_variants(tmp, blocks, schemes, model, spec.family, shapes)
         tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
         import torch
@@ -152,7 +155,8 @@ def export_bundle(
             "cost": cost_table(spec, shapes, blocks),
             "tokenizer": tokenizer_meta,
             "export": {"opset": OPSET, "torch": torch.__version__, "transformers": transformers.__version__,
-                       "created_unix": int(time.time())},
+                       "created_unix": int(time.time()),
+                       "layer_graphs": "fused" if "seqlens_k" in blocks[1].inputs else "exported"},
         }
         if variants:
             manifest["variants"] = variants

@@ -1,11 +1,12 @@
-"""Fused decoder layers for device weight variants: ONNX Runtime's contrib kernels, ~25 nodes a layer.
+"""Fused decoder layers: ONNX Runtime's contrib kernels, ~25 nodes a layer instead of ~175.
 
 A layer exported from PyTorch is ~175 ONNX nodes, most of them shape arithmetic (Shape, Gather,
 Unsqueeze, Concat, Reshape) and the rotary and mask subgraphs. At one token per step each node
 costs a few microseconds of dispatch whatever it computes, so on SmolLM2 that bookkeeping was
-more of a 4-bit decode step than the matrix products (ORT profile in docs/bundle.md). A device
-variant of a Llama-family layer is therefore built directly from the model's weights with the
-kernels ONNX Runtime ships for this:
+more of a decode step than the matrix products (``benchmarks/step_profile.py``). A Llama-family
+layer is therefore built directly from the model's weights with the kernels ONNX Runtime ships
+for this, both for the exact fp32 blocks (``linear`` a plain fp32 MatMul; export validation
+checks them against transformers at every split like any block) and for device variants:
 
     x1      = SimplifiedLayerNormalization(h, input_layernorm)
     qkv     = linear(x1, [Wq | Wk | Wv])                 packed, one kernel call
@@ -15,8 +16,8 @@ kernels ONNX Runtime ships for this:
     g, u    = Split(linear(x2, [Wgate | Wup]))
     out     = h2 + linear(silu(g) * u, Wdown)
 
-``linear`` is the variant's matrix product (quantize.py: MatMulNBits with the Q4_1 block
-correction, or an fp16 weight). The block's interface differs from the fp32 layer in two graph
+``linear`` is the block's matrix product: fp32 MatMul for the exact blocks, the variant's format
+for device variants (quantize.py: MatMulNBits with the Q4_1 block correction, or an fp16 weight). The block's interface differs from the fp32 layer in two graph
 inputs only: ``seqlens_k`` (B,) int32 = total length - 1 and ``total_seq_len`` () int32 replace
 ``position_ids`` and ``attention_mask``; the runtime feeds whichever a composed range declares.
 The KV cache holds rotated keys in (B, KV, P, D), exactly what the fp32 blocks hold, so a cache
@@ -33,11 +34,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from splitllm.bundle import ModelShapes
 
 SHARED_INPUTS = ("seqlens_k", "total_seq_len")
+MS_OPS = frozenset({"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"})
+_MS_DOMAIN = "com.microsoft"
 
 
 def fusable(model: Any, family: str) -> str | None:
@@ -147,4 +150,47 @@ def layer_proto(index: int, shapes: ModelShapes, template: onnx.ModelProto) -> o
     graph = helper.make_graph([], f"layer_{index}_fused", inputs, outputs)
     proto = helper.make_model(graph, opset_imports=list(template.opset_import))
     proto.ir_version = template.ir_version
+    return proto
+
+
+class Fp32Builder:
+    """Collects one exact fp32 fused layer: the node and tensor interface :func:`fused_layer` uses."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.new_tensors: dict[str, np.ndarray] = {}
+        self._count = 0
+
+    def _name(self, what: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{what}_{self._count}"
+
+    def _tensor(self, array: np.ndarray) -> str:
+        from splitllm_export.blocks import _tensor_digest
+
+        name = f"w_{_tensor_digest(array)[:24]}"
+        self.new_tensors[name] = array
+        return name
+
+    def _node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: Any) -> str:
+        outs = outputs or [self._name(op)]
+        domain = _MS_DOMAIN if op in MS_OPS else ""
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self._name(op + "_node"), domain=domain, **attrs))
+        return outs[0]
+
+    def _linear(self, a: str, w_kn: np.ndarray, out: str, bits: int | None) -> None:
+        self._node("MatMul", [a, self._tensor(np.ascontiguousarray(w_kn, dtype=np.float32))], [out])
+
+
+def exact_layer(model: Any, index: int, shapes: ModelShapes, tables: tuple[np.ndarray, np.ndarray],
+                opset: int) -> onnx.ModelProto:
+    """Layer ``index`` as an fp32 fused block, initializers inline (the exporter moves big ones out)."""
+    template = helper.make_model(helper.make_graph([], "t", [], []),
+                                 opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(_MS_DOMAIN, 1)])
+    proto = layer_proto(index, shapes, template)
+    builder = Fp32Builder(f"fused{index}")
+    fused_layer(builder, model.model.layers[index], index, shapes, tables, None)
+    proto.graph.node.extend(builder.nodes)
+    proto.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in builder.new_tensors.items())
     return proto

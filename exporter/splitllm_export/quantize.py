@@ -49,7 +49,6 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL = 4
 _INLINE_LIMIT_BYTES = 1024
 _MS_DOMAIN = "com.microsoft"
-_MS_OPS = frozenset({"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"})
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ class _Rewriter:
 
     def _node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: Any) -> str:
         outs = outputs or [self._name(op)]
-        domain = _MS_DOMAIN if op in _MS_OPS else ""
+        domain = _MS_DOMAIN if op in fused.MS_OPS else ""
         self.nodes.append(helper.make_node(op, inputs, outs, name=self._name(op + "_node"), domain=domain, **attrs))
         return outs[0]
 
