@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle.check_variant(weights)
         r = profile(bundle, weights, args.context, args.long_context, args.steps, args.threads)
         results.append(r)
-        fused = (bundle.manifest.get("variants", {}).get(weights, {}) or {}).get("fused_layers", False)
+        blocks = bundle.manifest["blocks"] if weights == "fp32" else bundle.manifest["variants"][weights]["blocks"]
+        fused = "seqlens_k" in blocks["layer.0"]["inputs"]
         print(f"\n{weights} ({'fused layers' if fused else 'exported layer graphs'}): decode step {r['step_ms']:.2f} ms "
               f"({r['tok_per_s']:.1f} tok/s) unprofiled; {r['nodes_per_step']} nodes per step; profiled kernels "
               f"{r['profiled_kernel_us_per_step'] / 1e3:.2f} ms per step")
