@@ -285,7 +285,7 @@ def test_fused_ranges_extend_their_cache_in_place(variant_bundle):
     bound, copying = Segment(bundle, 0, end, variant="int4"), Segment(bundle, 0, end, variant="int4", bind_kv=False)
     assert bound.binds_kv and not copying.binds_kv
     assert Segment(bundle, 0, end).binds_kv  # the exact fp32 blocks are fused layers too
-    ids = quality_tokens(bundle, 300)[None, :]
+    ids = quality_tokens(bundle, 330)[None, :]
     caches = {"bound": KVCache(bundle.shapes), "copying": KVCache(bundle.shapes)}
     segments = {"bound": bound, "copying": copying}
 
@@ -295,25 +295,27 @@ def test_fused_ranges_extend_their_cache_in_place(variant_bundle):
 
     step(0, 40)
     buffer = caches["bound"].get(1)[0].base
-    assert buffer is not None and buffer.shape[2] == 256
+    assert buffer is not None and buffer.shape[2] == 64
     for position in range(40, 60):
         step(position, position + 1)
     assert caches["bound"].get(1)[0].base is buffer  # no step reallocated or copied the cache
     caches["bound"].truncate(50)
     caches["copying"].truncate(50)
-    step(50, 300)  # past the first capacity step
-    assert caches["bound"].get(1)[0].base.shape[2] == 512 == bundle.shapes.max_context
-    # Held bytes count the capacity: 512 positions preallocated for 300 used.
-    assert caches["bound"].nbytes() == caches["copying"].nbytes() * 512 // 300
+    step(50, 300)  # past the first capacity step: 300 rounded up to 64s
+    assert caches["bound"].get(1)[0].base.shape[2] == 320
+    # Held bytes count the capacity: 320 positions preallocated for 300 used.
+    assert caches["bound"].nbytes() == caches["copying"].nbytes() * 320 // 300
     for unit in range(1, end):
         for got, want in zip(caches["bound"].get(unit), caches["copying"].get(unit), strict=True):
             assert got.shape == want.shape == (1, bundle.shapes.num_kv_heads, 300, bundle.shapes.head_dim)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    step(300, 330)  # outgrows 320: 1.5x (480), rounded up to 64s
+    assert caches["bound"].get(1)[0].base.shape[2] == 512
     # A cache set from elsewhere (a KV move) is copied into a fresh buffer on the next step.
     moved, kept = _first_positions(caches["copying"], 120), _first_positions(caches["copying"], 120)
     np.testing.assert_allclose(bound.run(ids[:, 120:121], moved, 120), copying.run(ids[:, 120:121], kept, 120),
                                rtol=1e-5, atol=1e-5)
-    assert moved.get(1)[0].base.shape[2] == 256
+    assert moved.get(1)[0].base.shape[2] == 128
 
 
 def _first_positions(cache: KVCache, length: int) -> KVCache:

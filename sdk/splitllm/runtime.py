@@ -101,7 +101,8 @@ def causal_mask(batch: int, n_tokens: int, past_len: int) -> np.ndarray:
     return np.broadcast_to(mask, (batch, 1, n_tokens, total)).copy()
 
 
-_CAPACITY_STEP = 256  # preallocated KV buffers grow in multiples of this many positions
+_CAPACITY_STEP = 64  # preallocated KV buffers hold a multiple of this many positions
+_GROWTH = 1.5  # and grow by at least this factor: few copies, at most ~1.5x the positions held
 
 
 class KVCache:
@@ -129,8 +130,9 @@ class KVCache:
         """(B, KV, capacity, D) key and value buffers of ``unit`` holding its cache, capacity >= ``length``.
 
         The cached positions are copied in only when the unit has no buffer yet or outgrows it
-        (capacity grows in steps of 256 positions, at least doubling, capped at the model's
-        context unless ``length`` is beyond it).
+        (capacity is a multiple of 64 positions and grows at least 1.5x, capped at the model's
+        context unless ``length`` is beyond it), so a server holding many short sessions
+        reserves little more than they use.
         """
         key, value = self.get(unit)
         held = self._buf.get(unit)
@@ -138,7 +140,7 @@ class KVCache:
             return held
         past = key.shape[2]
         old = held[0].shape[2] if held is not None else 0
-        capacity = max(length, 2 * old, _CAPACITY_STEP)
+        capacity = max(length, int(_GROWTH * old), _CAPACITY_STEP)
         capacity = -(-capacity // _CAPACITY_STEP) * _CAPACITY_STEP
         capacity = max(min(capacity, self.shapes.max_context), length)
         shape = (key.shape[0] if past else self.batch, self.shapes.num_kv_heads, capacity, self.shapes.head_dim)
