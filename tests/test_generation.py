@@ -26,9 +26,8 @@ async def _generate(client: SplitClient, ids, n=NEW_TOKENS, **kw) -> list[int]:
     return client.last_stats.new_ids
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-async def test_tiny_models_through_the_server_match_transformers_at_every_split(family, tiny_export, start_server):
-    path, source = tiny_export(family, layers=3)
+async def _every_split_matches_transformers(path, source, start_server) -> None:
+    """Greedy tokens at every split of a 3-layer bundle, through a real server, and local-only."""
     ids = _ids(source)
     ref = reference_run(source.model, ids, NEW_TOKENS - 1).tokens
     server = await start_server(path)
@@ -39,6 +38,12 @@ async def test_tiny_models_through_the_server_match_transformers_at_every_split(
         assert await _generate(client, ids) == ref, "local"
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+async def test_tiny_models_through_the_server_match_transformers_at_every_split(family, tiny_export, start_server):
+    path, source = tiny_export(family, layers=3)
+    await _every_split_matches_transformers(path, source, start_server)
+
+
 async def test_llama_layers_exported_from_pytorch_stay_exact_at_every_split(tmp_path, start_server):
     """--layer-graphs exported: the PyTorch-exported Llama layers (the fused ones are the default)."""
     from splitllm_export.export import export_bundle
@@ -47,12 +52,7 @@ async def test_llama_layers_exported_from_pytorch_stay_exact_at_every_split(tmp_
     source = load_tiny("llama", num_layers=3)
     path = export_bundle(source, tmp_path / "exported", show_progress=False, fused_layers=False)
     assert Bundle.open(path).manifest["export"]["layer_graphs"] == "exported"
-    ids = _ids(source)
-    ref = reference_run(source.model, ids, NEW_TOKENS - 1).tokens
-    server = await start_server(path)
-    for split in range(4):
-        async with SplitClient(path, server.url, split=split, codec="fp32") as client:
-            assert await _generate(client, ids) == ref, f"split {split}"
+    await _every_split_matches_transformers(path, source, start_server)
 
 
 @pytest.mark.smollm
