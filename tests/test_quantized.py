@@ -324,3 +324,14 @@ def _first_positions(cache: KVCache, length: int) -> KVCache:
     for unit in cache.units():
         copy.set(unit, *(np.ascontiguousarray(a[:, :, :length]) for a in cache.get(unit)))
     return copy
+
+
+def test_server_cli_passes_weights_and_refuses_a_bad_heartbeat():
+    from splitllm_server.cli import build_parser, config_from_args
+    from splitllm_server.config import ServerConfig
+
+    args = build_parser().parse_args(["--bundle", "b", "--weights", "int4"])
+    assert config_from_args(args).weights == "int4"
+    assert config_from_args(build_parser().parse_args(["--bundle", "b"])).weights == "fp32"
+    with pytest.raises(errors.ConfigError, match="heartbeat_s"):
+        ServerConfig(bundle=Path("b"), heartbeat_s=0)
