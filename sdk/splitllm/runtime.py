@@ -4,8 +4,9 @@ The same code runs on the device (the prefix) and on the server (the suffix), so
 feed graphs identically: position ids continue from the cache length, and the attention mask
 is an additive causal mask of shape (B, 1, T, P+T) built here in numpy.
 
-Ranges of fused layers (device weight variants, GroupQueryAttention) take ``seqlens_k`` and
-``total_seq_len`` instead, and by default write their keys and values in place: each layer's
+Ranges of fused layers (GroupQueryAttention: the Llama family's exact blocks and device
+variants) take ``seqlens_k`` and ``total_seq_len`` instead, and by default write their keys and
+values in place: each layer's
 cache is a preallocated (B, KV, capacity, D) buffer bound with IOBinding as both the past input
 and the present output, so a step appends T positions instead of copying the whole cache. The
 cache still hands out exact-length views, so moving, truncating and sending it work as before.
@@ -273,8 +274,11 @@ class Segment:
                     io.bind_ortvalue_input(past, value)
                     io.bind_ortvalue_output(present, value)
                     self._bound[past] = buf
-        for name, array in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        # bind_cpu_input does not copy: ORT reads these arrays during the run, so keep them alive
+        # (a non-contiguous feed becomes a temporary copy that nothing else references).
+        inputs = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+        for name, array in inputs.items():
+            io.bind_cpu_input(name, array)
         io.bind_output(self.main_output, "cpu")  # unallocated again: its shape changes with T
         try:
             self.session.run_with_iobinding(io)
