@@ -45,7 +45,7 @@ from typing import Any
 from _baselines import PROMPT, REPO, machine_header, machine_info
 
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn
+from splitllm_server.launch import spawn, stop
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"
 GOAL_LOCAL_VS_LLAMA = 1.0  # ours local-only int4 tok/s / llama.cpp tok/s
@@ -221,15 +221,6 @@ def start_server(bundle: Path, threads: int, weights: str) -> tuple[subprocess.P
         raise SystemExit(str(exc)) from exc
 
 
-def stop_server(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _agree(ids: list[int], ref: list[int]) -> int:
     n = 0
     for a, b in zip(ids, ref, strict=False):
@@ -367,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 loads.append(os.getloadavg()[0])
     finally:
         for proc, _url in servers.values():
-            stop_server(proc)
+            stop(proc, timeout_s=15)
     print(f"1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores "
           "(above ~2.5 other processes were competing: absolute figures and llama.cpp suffer most)")
     summary = report(rows, args)

@@ -51,7 +51,7 @@ from splitllm import codec as codecs
 from splitllm import errors, wire
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn
+from splitllm_server.launch import spawn, stop
 
 MAGIC, FIXED = codecs.MAGIC, struct.Struct("<4sBBBBB3s")  # the payload header of codec.py
 INTS = (0, 1, 2, 3, 7, 8, 64, 127, 128, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
@@ -830,14 +830,7 @@ class _Server:
         return self.log.read()
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop(self.proc)
 
 
 def _export_tiny(out: Path) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn
+from splitllm_server.launch import spawn, stop
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2"
@@ -74,13 +74,7 @@ class Server:
         return 0
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         return self.proc.stderr.read() if self.proc.stderr else ""
 
 

@@ -40,3 +40,18 @@ def spawn(
     proc.kill()
     proc.wait(timeout=30)
     raise ServerUnavailable(f"splitllm-server for {bundle} did not start (exit code {proc.returncode})")
+
+
+def stop(proc: subprocess.Popen[str], timeout_s: float = 30.0) -> int:
+    """Terminate a server started by :func:`spawn`, killing it if it has not exited after ``timeout_s``.
+
+    Returns its exit code. Does nothing to a process that has already exited.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
