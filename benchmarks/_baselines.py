@@ -204,6 +204,16 @@ async def stop_server(proc: asyncio.subprocess.Process, timeout_s: float = SERVE
         await proc.wait()
 
 
+def agreement(ids: list[int], ref: list[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    n = 0
+    for a, b in zip(ids, ref, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def dir_size_bytes(path: Path) -> tuple[int, int]:
     """(total bytes, file count) of every regular file under ``path`` (symlinks not followed)."""
     total = 0

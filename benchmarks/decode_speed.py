@@ -49,6 +49,7 @@ from _baselines import (
     DEFAULT_BUNDLE,
     PROMPT,
     CpuMonitor,
+    agreement,
     chat_prompt_ids,
     load_reference,
     machine_header,
@@ -178,16 +179,6 @@ def split_generate_fn(client: Any, prompt_ids: list[int]) -> Callable[[int], Awa
         return Run(done - started, (first or done) - started, list(client.last_stats.new_ids))
 
     return generate
-
-
-def agreement(ids: list[int], ref: list[int]) -> int:
-    """Length of the common prefix of two token sequences."""
-    n = 0
-    for a, b in zip(ids, ref, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 async def timed_run(system: System, tokens: int, pids: list[int]) -> Run:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _baselines import PROMPT, REPO, machine_header, machine_info
+from _baselines import PROMPT, REPO, agreement, machine_header, machine_info
 
 from splitllm.errors import SplitLLMError
 from splitllm_server.launch import spawn, stop
@@ -221,15 +221,6 @@ def start_server(bundle: Path, threads: int, weights: str) -> tuple[subprocess.P
         raise SystemExit(str(exc)) from exc
 
 
-def _agree(ids: list[int], ref: list[int]) -> int:
-    n = 0
-    for a, b in zip(ids, ref, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def _best(rows: dict[str, dict[str, Any]], name: str) -> dict[str, Any] | None:
     """The faster of the row ``name`` and its no-spin twin (None if neither ran)."""
     found = [rows[n] for n in (name, f"{name} no-spin") if n in rows]
@@ -244,7 +235,7 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
     for name, r in rows.items():
         maps = ", ".join(f"{f} {v[0]:.0f}/{v[1]:.0f}" for f, v in sorted(r["mapped_mb"].items())) or "-"
         print(f"{name:<18} {r['tok_s']:>7.1f} {r['tok_s_median']:>7.1f} {r['ttft_ms']:>8.0f} {r['rss_peak_mb']:>11.0f} "
-              f"{r['rss_base_mb']:>8.0f} {_agree(r['ids'], ref):>3}/{len(r['ids'])}  {maps}")
+              f"{r['rss_base_mb']:>8.0f} {agreement(r['ids'], ref):>3}/{len(r['ids'])}  {maps}")
     print("agree: leading greedy tokens equal to local fp32's; split rows send activations with the client's "
           "default codec (int8-block64), so they may part from fp32 late")
     goals: dict[str, Any] = {}
