@@ -41,6 +41,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from splitllm import Placement
 from splitllm.bundle import Bundle
 from splitllm.costs import PhaseSLA, bandwidth_grid, build_problem
 from splitllm.errors import ServerUnavailable, SplitLLMError
@@ -164,14 +165,7 @@ def server_ranges(sides: tuple[str, ...]) -> set[tuple[int, int]]:
 
 def describe(sides: tuple[str, ...]) -> str:
     """Compact placement: runs of units, e.g. ``C0-11 S12-31`` (0 = embeddings, last = head)."""
-    if not sides:
-        return "-"
-    runs, start = [], 0
-    for unit in range(1, len(sides) + 1):
-        if unit == len(sides) or sides[unit] != sides[start]:
-            runs.append(f"{'C' if sides[start] == 'client' else 'S'}{start}-{unit - 1}")
-            start = unit
-    return " ".join(runs)
+    return Placement(sides).compact() if sides else "-"
 
 
 def greedy_policies(body: dict[str, Any], answer: dict[str, Any], bundle: Bundle) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from splitllm import Placement
 from splitllm.bundle import Bundle
 from splitllm.errors import ConfigError, SplitLLMError
 from splitllm.netem import ShapedLink, SlowDevice, scaled_profile
@@ -74,12 +75,7 @@ class Row:
 
 def describe(sides: tuple[str, ...]) -> str:
     """Runs of units, e.g. ``C0-11 S12-31`` (C here, S server; 0 = embeddings, last = head)."""
-    runs, start = [], 0
-    for unit in range(1, len(sides) + 1):
-        if unit == len(sides) or sides[unit] != sides[start]:
-            runs.append(f"{'C' if sides[start] == 'client' else 'S'}{start}-{unit - 1}")
-            start = unit
-    return " ".join(runs)
+    return Placement(sides).compact()
 
 
 async def run(args: argparse.Namespace, url: str) -> list[Row]:

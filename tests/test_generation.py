@@ -131,6 +131,16 @@ async def test_concurrent_clients_each_get_their_own_tokens(tiny_export, start_s
     assert server.state.metrics.tokens_out == 4 * 12
 
 
+def test_placement_runs_and_their_compact_text():
+    from splitllm.client import Placement
+
+    c, s = "client", "server"
+    placement = Placement((c, s, s, c, c, s))
+    assert placement.runs == [(c, 0, 1), (s, 1, 3), (c, 3, 5), (s, 5, 6)]
+    assert placement.compact() == "C0-0 S1-2 C3-4 S5-5"
+    assert Placement.for_split(10, 32).compact() == "C0-10 S11-31"
+
+
 async def test_placement_changes_mid_generation_keep_tokens_exact(tiny_export, start_server):
     """Switch every few tokens, including plans that cross the link several times."""
     from splitllm.client import Placement

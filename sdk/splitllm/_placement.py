@@ -41,6 +41,10 @@ class Placement:
                 start = unit
         return out
 
+    def compact(self) -> str:
+        """The runs as text, e.g. ``C0-11 S12-31`` (C client, S server; 0 = embeddings, last = head)."""
+        return " ".join(f"{'C' if side == CLIENT else 'S'}{start}-{end - 1}" for side, start, end in self.runs)
+
     @property
     def is_local(self) -> bool:
         return all(s == CLIENT for s in self.sides)
