@@ -37,10 +37,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from splitllm.bundle import ModelShapes
+from splitllm_export.blocks import _tensor_digest
 
 SHARED_INPUTS = ("seqlens_k", "total_seq_len")
 MS_OPS = frozenset({"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"})
-_MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = "com.microsoft"
 
 
 def fusable(model: Any, family: str) -> str | None:
@@ -153,8 +154,12 @@ def layer_proto(index: int, shapes: ModelShapes, template: onnx.ModelProto) -> o
     return proto
 
 
-class Fp32Builder:
-    """Collects one exact fp32 fused layer: the node and tensor interface :func:`fused_layer` uses."""
+class GraphBuilder:
+    """Collects nodes (names under ``prefix``) and new tensors named by their content.
+
+    The node and tensor interface :func:`fused_layer` builds with; quantize's rewriter extends
+    it with the variants' weight formats.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -167,17 +172,19 @@ class Fp32Builder:
         return f"{self.prefix}/{what}_{self._count}"
 
     def _tensor(self, array: np.ndarray) -> str:
-        from splitllm_export.blocks import _tensor_digest
-
         name = f"w_{_tensor_digest(array)[:24]}"
         self.new_tensors[name] = array
         return name
 
     def _node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: Any) -> str:
         outs = outputs or [self._name(op)]
-        domain = _MS_DOMAIN if op in MS_OPS else ""
+        domain = MS_DOMAIN if op in MS_OPS else ""
         self.nodes.append(helper.make_node(op, inputs, outs, name=self._name(op + "_node"), domain=domain, **attrs))
         return outs[0]
+
+
+class Fp32Builder(GraphBuilder):
+    """One exact fp32 fused layer: ``linear`` is a plain fp32 MatMul."""
 
     def _linear(self, a: str, w_kn: np.ndarray, out: str, bits: int | None) -> None:
         self._node("MatMul", [a, self._tensor(np.ascontiguousarray(w_kn, dtype=np.float32))], [out])
@@ -187,7 +194,7 @@ def exact_layer(model: Any, index: int, shapes: ModelShapes, tables: tuple[np.nd
                 opset: int) -> onnx.ModelProto:
     """Layer ``index`` as an fp32 fused block, initializers inline (the exporter moves big ones out)."""
     template = helper.make_model(helper.make_graph([], "t", [], []),
-                                 opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(_MS_DOMAIN, 1)])
+                                 opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)])
     proto = layer_proto(index, shapes, template)
     builder = Fp32Builder(f"fused{index}")
     fused_layer(builder, model.model.layers[index], index, shapes, tables, None)

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from splitllm.bundle import ModelShapes
 from splitllm.errors import ConfigError, ExportError
 from splitllm_export import fused
-from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore, _tensor_digest
+from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore
 
 VARIANTS = ("fp16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -48,7 +48,6 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # does for its Q4/Q8 dot products): measured 2x faster per call than level 0 on this CPU.
 ACCURACY_LEVEL = 4
 _INLINE_LIMIT_BYTES = 1024
-_MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -123,38 +122,19 @@ def quantize_asym(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, 
 # ----------------------------------------------------------------------------- graph rewriting
 
 
-class _Rewriter:
+class _Rewriter(fused.GraphBuilder):
     """Rewrites one fp32 block's graph into its variant; new tensors are named by content."""
 
     def __init__(self, proto: onnx.ModelProto, prefix: str, scheme: Scheme,
                  load: Callable[[onnx.TensorProto], np.ndarray], tables: set[str]) -> None:
+        super().__init__(f"{prefix}/{scheme.name}")
         self.graph = proto.graph
         self.tables = tables  # initializers used as an embedding table (Gather) in any block
-        self.prefix = f"{prefix}/{scheme.name}"
         self.scheme = scheme
         self.inits = {t.name: t for t in self.graph.initializer}
         self.load = load
-        self.new_tensors: dict[str, np.ndarray] = {}
-        self.nodes: list[onnx.NodeProto] = []
-        self._count = 0
         self._block_sums: dict[str, str] = {}
         self.stats = {"matmul": 0, "gather": 0, "kept": 0}
-
-    def _name(self, what: str) -> str:
-        self._count += 1
-        return f"{self.prefix}/{what}_{self._count}"
-
-    def _tensor(self, array: np.ndarray) -> str:
-        digest = _tensor_digest(array)
-        name = f"w_{digest[:24]}"
-        self.new_tensors[name] = array
-        return name
-
-    def _node(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: Any) -> str:
-        outs = outputs or [self._name(op)]
-        domain = _MS_DOMAIN if op in fused.MS_OPS else ""
-        self.nodes.append(helper.make_node(op, inputs, outs, name=self._name(op + "_node"), domain=domain, **attrs))
-        return outs[0]
 
     def _weight(self, name: str) -> np.ndarray | None:
         """The float32 2-D initializer called ``name``, or None."""
@@ -408,5 +388,5 @@ def _install_tensors(proto: onnx.ModelProto, rw: _Rewriter, store: WeightStore, 
                 ext = tensor.external_data.add()
                 ext.key, ext.value = key, value
         graph.initializer.append(tensor)
-    if not any(op.domain == _MS_DOMAIN for op in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+    if not any(op.domain == fused.MS_DOMAIN for op in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(fused.MS_DOMAIN, 1))
