@@ -25,6 +25,7 @@ sorted key order, tokenized with the bundle's tokenizer: deterministic and offli
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import subprocess
@@ -307,3 +308,22 @@ def preamble(argv: list[str]) -> None:
     """The first lines of every codec benchmark: how it was run and on what."""
     print("command: " + " ".join([Path(sys.executable).name, *argv]))
     print(machine_line())
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT_HINT = "export the model with: splitllm-export -q -o bundles/smollm2"
+
+
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options the codec benchmarks share: bundle, text length, splits, prefill chunk, threads."""
+    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--splits", default="1,5,10,20,29")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk")
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: one per core)")
+
+
+def open_text(args: argparse.Namespace) -> tuple[Bundle, list[int], np.ndarray]:
+    """The bundle, splits and text tokens that ``args`` name; SplitLLMError or ValueError if unusable."""
+    bundle = Bundle.open(args.bundle, verify=False)
+    return bundle, [int(s) for s in args.splits.split(",")], text_tokens(bundle, args.tokens)

@@ -25,15 +25,20 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from _quality import CodecQuality, Evaluator, paired_delta, preamble, text_tokens
+from _quality import (
+    EXPORT_HINT,
+    CodecQuality,
+    Evaluator,
+    add_text_arguments,
+    open_text,
+    paired_delta,
+    preamble,
+)
 
 from splitllm import codec as codecs
-from splitllm.bundle import Bundle
 from splitllm.errors import SplitLLMError
 
-REPO = Path(__file__).resolve().parents[1]
 BASELINE = "int8-block64"
 DEFAULT_CODECS = (
     "fp16,int8-block32,int8-block64,int8-block128,int6-block64,hadamard-int5-block64,"
@@ -52,19 +57,14 @@ def meets_goal(q: CodecQuality, baseline: CodecQuality) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--splits", default="1,5,10,20,29")
+    add_text_arguments(parser)
     parser.add_argument("--codecs", default=DEFAULT_CODECS, help="comma-separated names, or 'all'")
     parser.add_argument("--twins", default=DEFAULT_TWINS, help="+zstd codecs measured for bytes only")
-    parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk")
-    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: one per core)")
     args = parser.parse_args(argv)
     preamble(["benchmarks/codec_frontier.py", *argv])
     started = time.perf_counter()
     try:
-        bundle = Bundle.open(args.bundle, verify=False)
-        splits = [int(s) for s in args.splits.split(",")]
+        bundle, splits, tokens = open_text(args)
         if args.codecs == "all":
             names = [n for n in codecs.CODECS if not n.endswith("+zstd") and n != "fp32"]
             twins = [n for n in codecs.CODECS if n.endswith("+zstd") and n != "fp32+zstd"]
@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             twins = [codecs.get_codec(n).name for n in args.twins.split(",") if n]
         names = [BASELINE, *[n for n in names if n != BASELINE]]
         names += [t.removesuffix("+zstd") for t in twins if t.removesuffix("+zstd") not in names]
-        tokens = text_tokens(bundle, args.tokens)
     except (SplitLLMError, ValueError) as exc:
-        print(f"error: {exc} (export the model with: splitllm-export -q -o bundles/smollm2)", file=sys.stderr)
+        print(f"error: {exc} ({EXPORT_HINT})", file=sys.stderr)
         return 2
     fp32_bytes = codecs.get_codec("fp32").encoded_size((1, 1, bundle.shapes.hidden_size))
     print(f"bundle: {bundle.model_id}, {bundle.num_layers} layers, hidden {bundle.shapes.hidden_size}; "

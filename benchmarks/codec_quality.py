@@ -22,15 +22,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from _quality import CodecQuality, Evaluator, preamble, text_tokens
+from _quality import EXPORT_HINT, CodecQuality, Evaluator, add_text_arguments, open_text, preamble
 
 from splitllm import codec as codecs
-from splitllm.bundle import Bundle
 from splitllm.errors import SplitLLMError
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS = {  # codec -> (minimum top-1 agreement, maximum |ppl change| in %)
     "fp16": (0.995, None),
     "int8-block64": (0.98, 0.5),
@@ -58,22 +55,16 @@ def row(q: CodecQuality) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--splits", default="1,5,10,20,29")
+    add_text_arguments(parser)
     parser.add_argument("--codecs", default="fp16,int8-block64,int8-block64+zstd")
-    parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk")
-    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: one per core)")
     args = parser.parse_args(argv)
     preamble(["benchmarks/codec_quality.py", *argv])
     started = time.perf_counter()
     try:
-        bundle = Bundle.open(args.bundle, verify=False)
-        splits = [int(s) for s in args.splits.split(",")]
+        bundle, splits, tokens = open_text(args)
         names = [codecs.get_codec(n).name for n in args.codecs.split(",")]
-        tokens = text_tokens(bundle, args.tokens)
     except (SplitLLMError, ValueError) as exc:
-        print(f"error: {exc} (export the model with: splitllm-export -q -o bundles/smollm2)", file=sys.stderr)
+        print(f"error: {exc} ({EXPORT_HINT})", file=sys.stderr)
         return 2
     print(f"bundle: {bundle.model_id}, {bundle.num_layers} layers, hidden {bundle.shapes.hidden_size}; "
           f"{len(tokens)} tokens of pydoc topics, {len(tokens) - 1} scored positions, chunks of {args.chunk}")
