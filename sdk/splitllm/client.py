@@ -29,7 +29,7 @@ from splitllm._adaptive import PolicyFollower
 from splitllm._placement import CLIENT, SERVER, Placement
 from splitllm._remote import LinkStats, Remote
 from splitllm._stream import GenerationStats, StopText, TokenPiece
-from splitllm.bundle import Bundle
+from splitllm.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.costs import PhaseSLA
 from splitllm.errors import ConfigError, ContextTooLong, FrameError, ServerUnavailable
 from splitllm.planner import Policy
@@ -65,7 +65,7 @@ class SplitClient:
         failover_timeout_s: float = 30.0,
         fallback_local: bool = True,
         ssl: ssl_module.SSLContext | bool | None = None,
-        weights: str = "fp32",
+        weights: str = DEFAULT_VARIANT,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
         self.weights = self.bundle.check_variant(weights)

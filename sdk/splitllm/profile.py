@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from splitllm.bundle import Bundle
+from splitllm.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.errors import ConfigError
 from splitllm.runtime import KVCache, RuntimeOptions, Segment
 
@@ -88,7 +88,7 @@ def measure(
     repeats: int = 5,
     options: RuntimeOptions | None = None,
     progress=None,  # noqa: ANN001 - optional callable(unit)
-    variant: str = "fp32",
+    variant: str = DEFAULT_VARIANT,
 ) -> Profile:
     """Time every unit of ``bundle`` here, with the ``variant`` weights generation will use."""
     if prefill_tokens < 1 or context < 0 or repeats < 1:
@@ -127,9 +127,9 @@ def default_cache_dir() -> Path:
 
 
 def load_or_measure(bundle: Bundle, *, threads: int = 0, cache_dir: Path | None = None, refresh: bool = False,
-                    variant: str = "fp32", **kwargs: Any) -> Profile:
+                    variant: str = DEFAULT_VARIANT, **kwargs: Any) -> Profile:
     """The cached profile for this bundle, weights variant and thread count, measured (and cached) if missing."""
-    weights = "" if variant == "fp32" else f"-{variant}"
+    weights = "" if variant == DEFAULT_VARIANT else f"-{variant}"
     path = (cache_dir or default_cache_dir()) / f"profile-{bundle.bundle_id[:16]}{weights}-t{threads}.json"
     if path.is_file() and not refresh:
         try:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError, RuntimeFailure
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def make_session(
     *,
     last_logits_only: bool = False,
     options: RuntimeOptions | None = None,
-    variant: str = "fp32",
+    variant: str = DEFAULT_VARIANT,
 ) -> ort.InferenceSession:
     """An ORT session for units [start, end) of ``bundle`` with ``variant`` weights (see Bundle.variants)."""
     graph = bundle.range_graph(start, end, last_logits_only=last_logits_only, variant=variant)
@@ -203,7 +204,7 @@ class Segment:
         *,
         last_logits_only: bool = True,
         options: RuntimeOptions | None = None,
-        variant: str = "fp32",
+        variant: str = DEFAULT_VARIANT,
         bind_kv: bool = True,
     ) -> None:
         self.bundle = bundle

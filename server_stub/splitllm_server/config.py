@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError
 
 
@@ -44,7 +45,7 @@ class ServerConfig:
     intra_op_threads: int = 0
     allow_spinning: bool = True
     verify_bundle: bool = True
-    weights: str = "fp32"
+    weights: str = DEFAULT_VARIANT
     heartbeat_s: float = 30.0
     server_name: str = "splitllm-server"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.bundle import Bundle
+from splitllm.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.runtime import KVCache, RuntimeOptions, Segment
 
 
@@ -27,7 +27,7 @@ class RunTiming:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, *, cache_size: int, options: RuntimeOptions, variant: str = "fp32") -> None:
+    def __init__(self, bundle: Bundle, *, cache_size: int, options: RuntimeOptions, variant: str = DEFAULT_VARIANT) -> None:
         self.bundle = bundle
         self.variant = bundle.check_variant(variant)
         self.options = options
