@@ -179,16 +179,18 @@ def export_blocks(
     store = WeightStore(out_dir / WEIGHTS_FILE)
     blocks: list[BlockInfo] = []
 
+    def save(name: str, file: str, proto: onnx.ModelProto, ins: list[str], outs: list[str], module: nn.Module) -> None:
+        _rewrite(proto, name, set(ins) | set(outs), store)
+        onnx.save_model(proto, str(out_dir / file))
+        blocks.append(BlockInfo(name, file, list(ins), list(outs), _count_params(module)))
+
     def emit(name: str, file: str, module: nn.Module, args, ins, outs, axes, fold=True) -> None:  # noqa: ANN001
         if progress:
             progress(name)
         # torch.onnx.export restores the wrapper's training flag recursively afterwards; a fresh
         # wrapper is in training mode, which would switch dropout on in the wrapped model.
         module.eval()
-        proto = _export_module(module, args, ins, outs, axes, fold)
-        _rewrite(proto, name, set(ins) | set(outs), store)
-        onnx.save_model(proto, str(out_dir / file))
-        blocks.append(BlockInfo(name, file, list(ins), list(outs), _count_params(module)))
+        save(name, file, _export_module(module, args, ins, outs, axes, fold), ins, outs, module)
 
     try:
         with torch.no_grad():
@@ -202,11 +204,8 @@ def export_blocks(
                     if progress:
                         progress(name)
                     proto = fused.exact_layer(model, i, shapes, rotary, OPSET)
-                    ins = [v.name for v in proto.graph.input]
-                    outs = [v.name for v in proto.graph.output]
-                    _rewrite(proto, name, set(ins) | set(outs), store)
-                    onnx.save_model(proto, str(out_dir / f"layer_{i}.onnx"))
-                    blocks.append(BlockInfo(name, f"layer_{i}.onnx", ins, outs, _count_params(spec.layer(model, i))))
+                    save(name, f"layer_{i}.onnx", proto, [v.name for v in proto.graph.input],
+                         [v.name for v in proto.graph.output], spec.layer(model, i))
                     continue
                 ins = [f"h{i}"]
                 args: list[torch.Tensor] = [hidden]

@@ -350,7 +350,7 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
                 fused.fused_layer(rewriter, model.model.layers[index], index, shapes, rotary, scheme.layer_bits)
                 inputs = [i.name for i in proto.graph.input]
-                rewriter.stats["matmul"] += 7
+                rewriter.stats["matmul"] += 7  # q, k, v, o, gate, up, down: all rewritten, some merged
             else:
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
                 rewriter.run()
