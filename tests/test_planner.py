@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +37,17 @@ from splitllm.planner import (
     server_work,
     solve,
 )
+
+
+def _kernels() -> list:
+    """Both DP kernels; the compiled one needs numba (the dev and server extras install it)."""
+    from splitllm import _planner_kernel
+
+    skip = pytest.mark.skipif(_planner_kernel.compiled() is None, reason="numba is not installed")
+    return [pytest.param("compiled", marks=skip), "numpy"]
+
+
+KERNELS = pytest.mark.parametrize("kernel", _kernels())
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -115,16 +129,17 @@ def real_problems(draw: st.DrawFn, max_layers: int = 8) -> Problem:
 # -- the DP against brute force and the ILP -----------------------------------------------------
 
 
+@KERNELS
 @FAST
-@given(whole_ms_problems())
-def test_dp_is_exact_on_whole_ms_instances(problem: Problem) -> None:
+@given(problem=whole_ms_problems())
+def test_dp_is_exact_on_whole_ms_instances(kernel: str, problem: Problem) -> None:
     ref = summary(brute_force(problem))
     if problem.sla_ms <= 2000:  # then the default grid divides 1 ms
-        assert summary(dp(problem)) == ref
+        assert summary(dp(problem, kernel=kernel)) == ref
     if problem.sla_ms <= 1e5:  # SLAs set at a plan crossing a 1 GB boundary would need 1e7 bins
-        assert summary(dp(problem, resolution_ms=1.0)) == ref
+        assert summary(dp(problem, resolution_ms=1.0, kernel=kernel)) == ref
     else:
-        assert dp(problem).feasible == ref[0]
+        assert dp(problem, kernel=kernel).feasible == ref[0]
 
 
 @SLOW
@@ -136,6 +151,7 @@ def test_dp_equals_ilp_and_brute_force(problem: Problem) -> None:
     ref = summary(brute_force(problem))
     assert summary(ilp(problem)) == ref
     if problem.sla_ms <= 1e5:
+        assert summary(dp(problem, resolution_ms=1.0, kernel="numpy")) == ref
         assert summary(dp(problem, resolution_ms=1.0)) == ref
 
 
@@ -152,12 +168,13 @@ def test_ilp_is_exact_on_real_valued_instances(problem: Problem) -> None:
         assert plan.latency_ms <= problem.sla_ms
 
 
+@KERNELS
 @FAST
-@given(real_problems(), st.sampled_from([None, 0.5, 3.0, 10.0]))
+@given(problem=real_problems(), resolution=st.sampled_from([None, 0.5, 3.0, 10.0]))
 def test_dp_never_breaks_the_sla_and_stays_within_its_bound(
-    problem: Problem, resolution: float | None
+    kernel: str, problem: Problem, resolution: float | None
 ) -> None:
-    plan = dp(problem, resolution_ms=resolution)
+    plan = dp(problem, resolution_ms=resolution, kernel=kernel)
     ref = brute_force(problem)
     assert plan.feasible == ref.feasible
     assert plan.latency_ms == latency_ms(problem, plan.placement)
@@ -173,31 +190,125 @@ def test_dp_never_breaks_the_sla_and_stays_within_its_bound(
         assert plan.server_work <= tighter.server_work
 
 
-def test_single_layer_and_zero_rtt() -> None:
+@KERNELS
+def test_single_layer_and_zero_rtt(kernel: str) -> None:
     layer = Layer(client_ms=10, server_ms=1, server_work=5, out_bytes=1000)
     base = Problem((layer,), input_bytes=1000, uplink_bps=8e6, downlink_bps=8e6, rtt_ms=0, sla_ms=3)
-    plan = dp(base)
+    plan = dp(base, kernel=kernel)
     assert plan.placement == (SERVER,) and plan.latency_ms == 3.0 and plan.feasible  # 1 + 1 + 1
-    assert dp(replace(base, sla_ms=10)).placement == (CLIENT,)
-    infeasible = dp(replace(base, sla_ms=2.5))
+    assert dp(replace(base, sla_ms=10), kernel=kernel).placement == (CLIENT,)
+    infeasible = dp(replace(base, sla_ms=2.5), kernel=kernel)
     assert not infeasible.feasible and infeasible.placement == (SERVER,)  # the min-latency plan
 
 
-def test_huge_activations_force_all_client() -> None:
+@KERNELS
+def test_huge_activations_force_all_client(kernel: str) -> None:
     layers = tuple(Layer(5, 1, 1, 1e9) for _ in range(6))
     problem = Problem(layers, input_bytes=1e9, uplink_bps=1e7, downlink_bps=1e7, rtt_ms=20, sla_ms=1000)
-    assert dp(problem).placement == (CLIENT,) * 6
+    assert dp(problem, kernel=kernel).placement == (CLIENT,) * 6
     assert not all_server(problem).feasible
+    # Infinite transfer times (bytes * 8000 overflows) only rule plans out.
+    problem = replace(problem, input_bytes=1e306, uplink_bps=1e-300)
+    assert dp(problem, kernel=kernel).placement == (CLIENT,) * 6
 
 
-def test_several_switches_when_they_pay() -> None:
+@KERNELS
+def test_several_switches_when_they_pay(kernel: str) -> None:
     # Layers 1 and 3 are cheap on the server and expensive on the client; 0, 2, 4 the reverse
     # (server work is the cost there). Moving bytes is cheap, so the DP hops twice.
     costly, cheap = Layer(1, 1, 100, 0), Layer(100, 1, 1, 0)
     problem = Problem((costly, cheap, costly, cheap, costly), 0, 8e6, 8e6, rtt_ms=2, sla_ms=20)
-    plan = dp(problem)
+    plan = dp(problem, kernel=kernel)
     assert plan.placement == (CLIENT, SERVER, CLIENT, SERVER, CLIENT)
     assert plan.latency_ms == 1 + (1 + 1) + (1 + 1) + (1 + 1) + (1 + 1) and plan.server_work == 2
+
+
+# -- the compiled kernel ------------------------------------------------------------------------
+
+
+def _compiled_or_skip():
+    from splitllm import _planner_kernel
+
+    if _planner_kernel.compiled() is None:
+        pytest.skip("numba is not installed")
+    return _planner_kernel
+
+
+@FAST
+@given(problem=real_problems(), resolution=st.sampled_from([None, 0.5, 3.0]))
+def test_compiled_kernel_reports_the_exact_evaluators_figures(
+    problem: Problem, resolution: float | None
+) -> None:
+    _compiled_or_skip()
+    plan = dp(problem, resolution_ms=resolution, kernel="compiled")
+    assert plan == Plan.evaluate(problem, plan.placement, "dp")  # bit for bit, not approximately
+
+
+@SLOW
+@given(problem=real_problems(max_layers=12), resolution=st.sampled_from([None, 0.25, 2.0]))
+def test_the_kernel_source_runs_as_plain_python_too(problem: Problem, resolution: float | None) -> None:
+    kernels = _compiled_or_skip()
+    res = default_resolution_ms(problem.sla_ms) if resolution is None else resolution
+    c = problem._costs
+    out = []
+    for fn in (kernels.compiled(), kernels.dp_kernel):  # numba's and CPython's run of one source
+        placement = np.zeros(problem.num_layers, np.int8)
+        found, lat, work = fn(c.table, c.ret_ms, res, problem.sla_ms, placement)
+        out.append((found, lat, work, placement.tolist()))
+    assert out[0] == out[1]
+
+
+def _wide_instance(seed: int, n: int) -> Problem:
+    """Whole-ms layers with scattered costs: each side's front holds hundreds of points."""
+    rng = np.random.default_rng(seed)
+    layers = tuple(
+        Layer(
+            int(rng.integers(0, 90)),
+            int(rng.integers(0, 9)),
+            int(rng.integers(1, 1000)),
+            1000 * int(rng.integers(0, 8)),
+        )
+        for _ in range(n)
+    )
+    problem = Problem(layers, input_bytes=2000, uplink_bps=8e6, downlink_bps=4e6, rtt_ms=4, sla_ms=0)
+    return replace(problem, sla_ms=float(all_client(problem).latency_ms // 3))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernels_agree_when_the_fronts_outgrow_the_first_allocation(seed: int) -> None:
+    _compiled_or_skip()
+    problem = _wide_instance(seed, 48)
+    compiled, numpy_plan = dp(problem, 1.0, kernel="compiled"), dp(problem, 1.0, kernel="numpy")
+    assert compiled.feasible and summary(compiled) == summary(numpy_plan)  # exact: whole-ms at 1 ms
+    if importlib.util.find_spec("scipy") is not None:
+        from splitllm.planner import ilp
+
+        assert compiled.server_work == ilp(problem).server_work
+
+
+def test_kernel_choice_is_checked() -> None:
+    from splitllm import _planner_kernel
+    from splitllm.planner import load_kernel
+
+    assert load_kernel() == ("numpy" if _planner_kernel.compiled() is None else "compiled")
+    problem = Problem.from_dict(valid_dict())
+    with pytest.raises(ConfigError, match="kernel must be one of auto, compiled, numpy"):
+        dp(problem, kernel="fortran")
+
+
+def test_numpy_kernel_can_be_forced_from_the_environment() -> None:
+    code = (
+        "from splitllm.planner import Problem, dp, load_kernel\n"
+        "from splitllm.errors import ConfigError\n"
+        f"p = Problem.from_dict({valid_dict()!r})\n"
+        "print(dp(p).algorithm, load_kernel())\n"
+        "try:\n    dp(p, kernel='compiled')\nexcept ConfigError as exc:\n    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "SPLITLLM_PLANNER_KERNEL": "numpy"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "dp numpy"
+    assert "refused: the compiled DP kernel needs numba" in done.stdout
 
 
 # -- evaluators and baselines -------------------------------------------------------------------

@@ -118,6 +118,7 @@ class _Costs(NamedTuple):
     work: np.ndarray  # (L,) server work of each layer
     up: np.ndarray  # (L + 1,) client -> server switch cost at each boundary
     down: np.ndarray  # (L + 1,) server -> client switch cost at each boundary
+    table: np.ndarray  # (5, L) rows cc, cs, ss, sc, work in one block: what the compiled DP reads
 
 
 @dataclass(frozen=True)
@@ -180,17 +181,20 @@ class Problem:
         with np.errstate(over="ignore"):
             up = sizes * 8000.0 / self.uplink_bps + self.rtt_ms / 2
             down = sizes * 8000.0 / self.downlink_bps + self.rtt_ms / 2
+            table = np.stack([client, up[:n] + server, server, down[:n] + client])
+            table = np.concatenate([table, [[layer.server_work for layer in self.layers]]])
             costs = _Costs(
-                cc=client,
-                cs=up[:n] + server,
-                ss=server,
-                sc=down[:n] + client,
+                cc=table[0],
+                cs=table[1],
+                ss=table[2],
+                sc=table[3],
                 ret_ms=float(down[n]),
-                work=np.array([layer.server_work for layer in self.layers], dtype=np.float64),
+                work=table[4],
                 up=up,
                 down=down,
+                table=table,
             )
-        for arr in (costs.cc, costs.cs, costs.ss, costs.sc, costs.work, costs.up, costs.down):
+        for arr in (costs.table, costs.cc, costs.cs, costs.ss, costs.sc, costs.work, costs.up, costs.down):
             arr.flags.writeable = False
         return costs
 

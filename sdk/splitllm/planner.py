@@ -8,7 +8,8 @@ equal work, picks the lower latency. The model and the exact evaluators are docu
 Algorithms (all return a :class:`Plan` evaluated exactly by :func:`latency_ms`/:func:`server_work`):
 
 - ``dp``: the paper's dynamic program over (layer, side, latency budget); exact on whole-ms
-  instances at 1 ms resolution, never breaks the true SLA, fast (numpy over the budget axis).
+  instances at 1 ms resolution, never breaks the true SLA, fast (a compiled kernel over the
+  table's breakpoints with numba, numpy over every bin without).
 - ``ilp``: exact reference with ``scipy.optimize.milp`` (HiGHS); scipy is imported lazily.
 - ``greedy``, ``all-server``, ``all-client``: baselines.
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from splitllm import _planner_kernel
 from splitllm._planner_ilp import ilp
 from splitllm._planner_model import (
     CLIENT,
@@ -44,6 +46,7 @@ __all__ = [
     "ALGORITHMS",
     "CLIENT",
     "DEFAULT_MAX_BINS",
+    "DP_KERNELS",
     "SERVER",
     "Layer",
     "Plan",
@@ -57,6 +60,7 @@ __all__ = [
     "greedy",
     "ilp",
     "latency_ms",
+    "load_kernel",
     "main",
     "make_policy",
     "min_latency",
@@ -65,6 +69,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("dp", "greedy", "all-server", "all-client", "ilp")
+DP_KERNELS = ("auto", "compiled", "numpy")
 DEFAULT_MAX_BINS = 2000
 _MAX_CELLS = 50_000_000  # layers x bins: the DP's two bool choice tables stay <= 100 MB
 
@@ -115,7 +120,7 @@ def default_resolution_ms(sla_ms: float, max_bins: int = DEFAULT_MAX_BINS) -> fl
     return 2.0 ** max(-40, math.ceil(math.log2(sla_ms) - math.log2(max_bins)))
 
 
-def dp(problem: Problem, resolution_ms: float | None = None) -> Plan:
+def dp(problem: Problem, resolution_ms: float | None = None, *, kernel: str = "auto") -> Plan:
     """The paper's DP over (layer, side, discretised latency), then an exact check of its candidates.
 
     ``W_side[b]`` is the least server work of a partial plan for layers ``0..i-1`` that ends on
@@ -132,13 +137,56 @@ def dp(problem: Problem, resolution_ms: float | None = None) -> Plan:
     - no plan meets the SLA: the exact minimum-latency plan, ``feasible=False``.
 
     ``resolution_ms`` defaults to :func:`default_resolution_ms` (<= 2,000 bins in the SLA).
-    Time O(L * bins) in five numpy vector operations per layer, plus O(L) per candidate checked
-    (at most L + 2 with a power-of-two resolution); memory O(L * bins) bits for the choices.
+
+    Two kernels compute the same table. With numba installed (the ``server`` extra) a compiled
+    kernel keeps only each side's breakpoints, the budgets where the least work drops
+    (``splitllm._planner_kernel``): O(L * points), a few dozen points per layer on LLM cost
+    tables, ~10 us at L = 64. Without numba (or with ``SPLITLLM_PLANNER_KERNEL=numpy``) the numpy
+    kernel fills every bin: five vector operations per layer, O(L * bins) time and bits.
+    ``kernel`` picks one: ``"auto"`` (compiled if available), ``"compiled"`` (``ConfigError``
+    without numba) or ``"numpy"``. On grid instances both return the same plan; otherwise a work
+    level's candidate may differ in exact latency, and both keep the guarantees above.
     """
     sla = problem.sla_ms
     res = default_resolution_ms(sla) if resolution_ms is None else resolution_ms
     if isinstance(res, bool) or not isinstance(res, (int, float)) or not math.isfinite(res) or res <= 0:
         raise ConfigError(f"resolution_ms must be a finite number > 0, got {resolution_ms!r}")
+    if kernel not in DP_KERNELS:
+        raise ConfigError(f"kernel must be one of {', '.join(DP_KERNELS)}, got {kernel!r}")
+    compiled = None if kernel == "numpy" else _planner_kernel.compiled()
+    if compiled is None:
+        if kernel == "compiled":
+            raise ConfigError(
+                "the compiled DP kernel needs numba (pip install 'splitllm[server]'), "
+                "and SPLITLLM_PLANNER_KERNEL must not be 'numpy'"
+            )
+        return _dp_numpy(problem, float(res))
+    c = problem._costs
+    placement = np.empty(problem.num_layers, np.int8)
+    found, lat, work = compiled(c.table, c.ret_ms, float(res), sla, placement)
+    if not found:  # no candidate meets the SLA: the exact minimum-latency plan does if any plan does
+        return min_latency(problem, "dp")
+    # The kernel evaluated the placement with latency_ms()'s and server_work()'s float operations.
+    sides = tuple([SERVER if on_server else CLIENT for on_server in placement.tolist()])
+    return Plan(placement=sides, server_work=work, latency_ms=lat, feasible=True, algorithm="dp")
+
+
+def load_kernel() -> str:
+    """Load the compiled DP kernel now rather than on the first :func:`dp` call; return the kernel
+    ``dp`` uses by default, ``"compiled"`` or ``"numpy"``.
+
+    Loading takes ~0.2 s from numba's on-disk cache; the first time on a machine (or after the
+    kernel's source changed) numba compiles it, a few seconds. The server calls this at start-up.
+    """
+    if _planner_kernel.compiled() is None:
+        return "numpy"
+    dp(Problem((Layer(1.0, 1.0, 1.0, 1.0),), 1.0, 1.0, 1.0, 0.0, 1.0), kernel="compiled")
+    return "compiled"
+
+
+def _dp_numpy(problem: Problem, res: float) -> Plan:
+    """:func:`dp` with every bin of the table in numpy (the kernel when numba is absent)."""
+    sla = problem.sla_ms
     c = problem._costs
     n = problem.num_layers
     with np.errstate(over="ignore", invalid="ignore"):
