@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from splitllm import planner
 from splitllm.bundle import Bundle
 from splitllm.runtime import RuntimeOptions
 from splitllm_server.config import ServerConfig
@@ -82,6 +83,8 @@ async def _warm(engine: Engine, bundle: Bundle, splits: tuple[int, ...]) -> None
         if 0 <= split <= bundle.num_layers:
             start, end = bundle.split_range(split, "server")
             await engine.warm_up(start, end, True)
+    # Then the planner's compiled kernel, so the first /v1/plan does not wait for numba.
+    await asyncio.get_running_loop().run_in_executor(None, planner.load_kernel)
 
 
 async def _reap_idle(app: web.Application) -> None:
