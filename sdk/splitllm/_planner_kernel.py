@@ -26,6 +26,7 @@ fallback.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+_log = logging.getLogger("splitllm.planner")
 _CAP = 2**60  # bins beyond any budget: int64 sums of two stay exact
 _FIRST_CAPACITY = 1024
 
@@ -181,4 +183,18 @@ def _compile() -> Callable[..., Any] | None:
         import numba
     except Exception:  # not installed, or built for another numpy: the numpy DP still works
         return None
-    return numba.njit(cache=True)(dp_kernel)
+    try:
+        try:
+            kernel = numba.njit(cache=True)(dp_kernel)
+        except RuntimeError:  # no writable cache directory: compile in memory, every process
+            kernel = numba.njit(dp_kernel)
+        # Compile (or load) now, for the argument types dp passes: a read-only cost table.
+        table = np.ones((5, 1))
+        table.flags.writeable = False
+        found, _, _ = kernel(table, 1.0, 1.0, 8.0, np.empty(1, np.int8))
+        if found != 1:
+            raise RuntimeError(f"the compiled kernel failed its smoke test (found={found})")
+    except Exception as exc:
+        _log.warning("planner: numba could not compile the DP kernel, using numpy instead: %s", exc)
+        return None
+    return kernel
