@@ -26,11 +26,11 @@ async def _generate(client: SplitClient, ids, n=NEW_TOKENS, **kw) -> list[int]:
     return client.last_stats.new_ids
 
 
-async def _every_split_matches_transformers(path, source, start_server) -> None:
+async def _every_split_matches_transformers(path, source, start_server, **server_config) -> None:
     """Greedy tokens at every split of a 3-layer bundle, through a real server, and local-only."""
     ids = _ids(source)
     ref = reference_run(source.model, ids, NEW_TOKENS - 1).tokens
-    server = await start_server(path)
+    server = await start_server(path, **server_config)
     for split in range(4):
         async with SplitClient(path, server.url, split=split, codec="fp32") as client:
             assert await _generate(client, ids) == ref, f"split {split}"
@@ -38,10 +38,39 @@ async def _every_split_matches_transformers(path, source, start_server) -> None:
         assert await _generate(client, ids) == ref, "local"
 
 
+@pytest.mark.parametrize("chunk_units", [0, 2])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-async def test_tiny_models_through_the_server_match_transformers_at_every_split(family, tiny_export, start_server):
+async def test_tiny_models_through_the_server_match_transformers_at_every_split(
+    family, chunk_units, tiny_export, start_server
+):
+    """chunk_units=2: the server runs each range as a chain of pieces cut at units 2 and 4."""
     path, source = tiny_export(family, layers=3)
-    await _every_split_matches_transformers(path, source, start_server)
+    await _every_split_matches_transformers(path, source, start_server, chunk_units=chunk_units)
+
+
+def test_server_ranges_share_their_aligned_pieces(tiny_export):
+    from splitllm.errors import ConfigError
+    from splitllm.runtime import RuntimeOptions
+    from splitllm_server.engine import Engine
+
+    path, _ = tiny_export("llama", layers=4)  # 6 units
+    bundle = Bundle.open(path)
+    engine = Engine(bundle, cache_size=1, options=RuntimeOptions(intra_op_threads=1), chunk_units=2)
+    try:
+        assert engine.pieces(1, 6) == [(1, 2), (2, 4), (4, 6)]
+        assert engine.pieces(2, 4) == [(2, 4)] and engine.pieces(3, 4) == [(3, 4)]
+        first, second = engine.segments(1, 6, True), engine.segments(3, 6, True)
+        assert [(s.start, s.end) for s in second] == [(3, 4), (4, 6)]
+        assert second[1] is first[2]  # one session (one copy of the weights) for units 4-5
+        assert engine.segments(1, 6, False)[1] is first[1]  # only the head's piece differs
+        assert engine.max_pieces == 4
+        engine.segments(0, 2, False)  # a fifth and sixth piece evict the least recently used
+        assert len(engine._segments) == 4
+        assert Engine(bundle, cache_size=1, options=RuntimeOptions(), chunk_units=0).pieces(1, 6) == [(1, 6)]
+        with pytest.raises(ConfigError, match="chunk_units must be >= 0"):
+            Engine(bundle, cache_size=1, options=RuntimeOptions(), chunk_units=-1)
+    finally:
+        engine.close()
 
 
 async def test_llama_layers_exported_from_pytorch_stay_exact_at_every_split(tmp_path, start_server):
@@ -141,14 +170,16 @@ def test_placement_runs_and_their_compact_text():
     assert Placement.for_split(10, 32).compact() == "C0-10 S11-31"
 
 
-async def test_placement_changes_mid_generation_keep_tokens_exact(tiny_export, start_server):
-    """Switch every few tokens, including plans that cross the link several times."""
+@pytest.mark.parametrize("chunk_units", [0, 1])
+async def test_placement_changes_mid_generation_keep_tokens_exact(chunk_units, tiny_export, start_server):
+    """Switch every few tokens, including plans that cross the link several times (and, with
+    chunk_units=1, server ranges run as chains of one-unit sessions)."""
     from splitllm.client import Placement
 
     path, source = tiny_export("llama", layers=4)
     ids = _ids(source)
     ref = reference_run(source.model, ids, NEW_TOKENS - 1).tokens
-    server = await start_server(path)
+    server = await start_server(path, chunk_units=chunk_units)
     c, s = "client", "server"
     schedule = [
         Placement.for_split(1, 6),

@@ -111,7 +111,8 @@ def create_app(config: ServerConfig) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
         options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
-        engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights)
+        engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights,
+                        chunk_units=config.chunk_units)
         app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
         reaper = asyncio.create_task(_reap_idle(app))
         # Load the suffix of the split clients use by default before the first one asks, so

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from splitllm.errors import ConfigError, SplitLLMError
 from splitllm_server.app import create_app
-from splitllm_server.config import ServerConfig
+from splitllm_server.config import DEFAULT_CHUNK_UNITS, ServerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-ttl", type=float, default=600.0, help="seconds before an idle session is dropped")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--no-spinning", action="store_true", help="stop idle ORT threads from spinning")
-    p.add_argument("--segment-cache", type=int, default=4, help="composed range sessions kept loaded")
+    p.add_argument("--segment-cache", type=int, default=4, help="ranges whose sessions stay loaded")
+    p.add_argument("--chunk-units", type=int, default=DEFAULT_CHUNK_UNITS,
+                   help="cut ranges at multiples of this many units so splits share sessions and weights "
+                        "(0: one session per range)")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
     p.add_argument("--weights", default="fp32",
                    help="weights to run: fp32 (exact, default) or a variant the bundle has (fp16, int8, int4)")
@@ -54,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         bundle=Path(args.bundle), host=args.host, port=args.port, token=token,
         max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes, max_context=args.max_context,
-        idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, intra_op_threads=args.threads,
+        idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, chunk_units=args.chunk_units, intra_op_threads=args.threads,
         allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify, weights=args.weights,
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
         certfile=Path(args.certfile) if args.certfile else None,

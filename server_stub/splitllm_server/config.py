@@ -8,13 +8,17 @@ from pathlib import Path
 from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError
 
+DEFAULT_CHUNK_UNITS = 8  # SmolLM2's 32 units: four shared pieces
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``create_app`` needs. Sizes in bytes, times in seconds.
 
     ``token``: when set, every HTTP and WebSocket request needs ``Authorization: Bearer <token>``.
-    ``segment_cache``: how many composed range sessions stay loaded (each holds its layers' weights).
+    ``segment_cache``: how many ranges' sessions stay loaded (each session holds its layers' weights).
+    ``chunk_units``: ranges are cut at multiples of this many units, so clients at different
+    splits share the sessions (and weights) of their common tail; 0 = one session per range.
     ``intra_op_threads``: ORT threads for the server's segments (0 = one per core).
     ``weights``: which of the bundle's weights the server runs: "fp32" (the exact blocks, the
     default) or a device variant the bundle carries ("fp16", "int8", "int4"), which trades the
@@ -42,6 +46,7 @@ class ServerConfig:
     certfile: Path | None = None
     keyfile: Path | None = None
     segment_cache: int = 4
+    chunk_units: int = DEFAULT_CHUNK_UNITS
     intra_op_threads: int = 0
     allow_spinning: bool = True
     verify_bundle: bool = True
@@ -61,6 +66,8 @@ class ServerConfig:
         for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.chunk_units < 0:
+            raise ConfigError(f"chunk_units must be >= 0, got {self.chunk_units}")
         if self.max_frame_bytes < 4096:
             raise ConfigError(f"max_frame_bytes must be >= 4096, got {self.max_frame_bytes}")
         if self.idle_ttl_s <= 0:
