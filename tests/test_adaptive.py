@@ -121,3 +121,61 @@ async def test_smollm2_plan_against_a_real_server(smollm2_bundle, start_server):
             pass
         assert client.last_stats.new_tokens >= 1
         assert set(policies) == {"prefill", "decode"}
+
+
+# -- the KV move in the prefill policy ----------------------------------------------------------
+
+
+def _move_scenario(**extra):
+    """4 units (embed, 2 layers, head). Decode: the device is too slow for the token SLA, so both
+    layers go to the server. Prefill: the device alone meets the TTFT SLA (no server work). Moving
+    the prompt's KV of both layers up after the prefill takes 2 x (256 x 512 B / uplink + RTT)."""
+    from splitllm.costs import PhaseSLA, build_policies
+
+    return build_policies(
+        client_prefill_ms=[1, 50, 50, 1], client_decode_ms=[0.1, 20, 20, 0.1],
+        server_prefill_ms=[0.1, 5, 5, 0.5], server_decode_ms=[0.05, 0.5, 0.5, 0.1],
+        load_factor=1.0, hidden_size=64, prompt_tokens=256, codec="fp32", uplink_bps=10e6,
+        downlink_bps=10e6, rtt_ms=2.0, sla=PhaseSLA(ttft_ms=500, token_ms=15),
+        grid=[10e6, 1e9, 1e10], **extra,
+    )
+
+
+def test_prefill_policy_keeps_the_decode_placement_when_the_kv_move_would_break_the_token_sla():
+    from splitllm.costs import kv_move_ms
+
+    separate = _move_scenario()
+    aware = _move_scenario(kv_bytes_per_position=512.0)
+    c, s = "client", "server"
+    for policies in (separate, aware):
+        assert policies["decode"].plan_for(10e6).placement == (c, s, s, c)
+        assert policies["decode"].plan_for(1e9).placement == (c, s, s, c)
+    assert separate["prefill"].plan_for(10e6).placement == (c, c, c, c)
+    # At 10 Mbit/s the move takes 2 x (105 + 2) ms, far over the 15 ms token SLA: the prefill
+    # runs the decode placement instead (it meets the 500 ms TTFT SLA), so nothing moves.
+    move = kv_move_ms((c, c, c, c), (c, s, s, c), positions=256, kv_bytes_per_position=512.0,
+                      uplink_bps=10e6, downlink_bps=10e6, rtt_ms=2.0)
+    assert move == pytest.approx(2 * ((256 * 512 + 160) * 8000 / 10e6 + 2))
+    slow = aware["prefill"].plan_for(10e6)
+    assert slow.placement == (c, s, s, c) and slow.feasible and slow.latency_ms <= 500
+    assert slow.server_work > separate["prefill"].plan_for(10e6).server_work  # the price of not moving
+    # At 1 Gbit/s the move (2 x 3 ms) and the step (~3 ms) fit in 15 ms: the prefill keeps its own plan.
+    assert aware["prefill"].plan_for(1e9).placement == (c, c, c, c)
+
+
+def test_a_move_the_prefill_cannot_avoid_leaves_its_plan_alone():
+    from splitllm.costs import PhaseSLA, build_policies
+    from splitllm.errors import ConfigError
+
+    # TTFT SLA 100 ms: the decode placement's prefill (~127 ms at 10 Mbit/s) is too slow for it.
+    kw = dict(
+        client_prefill_ms=[1, 40, 40, 1], client_decode_ms=[0.1, 20, 20, 0.1],
+        server_prefill_ms=[0.1, 5, 5, 0.5], server_decode_ms=[0.05, 0.5, 0.5, 0.1],
+        load_factor=1.0, hidden_size=64, prompt_tokens=256, codec="fp32", uplink_bps=10e6,
+        downlink_bps=10e6, rtt_ms=2.0, sla=PhaseSLA(ttft_ms=100, token_ms=15), grid=[10e6, 1e9],
+    )
+    aware = build_policies(**kw, kv_bytes_per_position=512.0)
+    assert aware == build_policies(**kw)
+    assert aware["prefill"].plan_for(10e6).placement != aware["decode"].plan_for(10e6).placement  # it moves
+    with pytest.raises(ConfigError, match="kv_bytes_per_position"):
+        build_policies(**kw, kv_bytes_per_position=-1.0)

@@ -6,14 +6,21 @@ about what a placement costs. Units are the planner's layers (embeddings and hea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from splitllm import codec as codecs
 from splitllm.errors import ConfigError
-from splitllm.planner import Layer, Policy, Problem, make_policy
+from splitllm.planner import SERVER, Layer, Plan, Policy, Problem, dp, make_policy
 
-__all__ = ["FRAME_OVERHEAD_BYTES", "PhaseSLA", "bandwidth_grid", "build_problem", "build_policies"]
+__all__ = [
+    "FRAME_OVERHEAD_BYTES",
+    "PhaseSLA",
+    "bandwidth_grid",
+    "build_policies",
+    "build_problem",
+    "kv_move_ms",
+]
 
 # msgpack field names and framing around a Run/Result payload, measured on real frames.
 FRAME_OVERHEAD_BYTES = 160
@@ -67,6 +74,50 @@ def build_problem(
                    uplink_bps=uplink_bps, downlink_bps=downlink_bps, rtt_ms=rtt_ms, sla_ms=sla_ms)
 
 
+def kv_move_ms(old: Sequence[str], new: Sequence[str], *, positions: int, kv_bytes_per_position: float,
+               uplink_bps: float, downlink_bps: float, rtt_ms: float) -> float:
+    """How long moving the KV cache from placement ``old`` to ``new`` takes, as the client does it.
+
+    Units 1..n-2 (the decoder layers; the embedding and head hold no KV) that change sides move
+    ``positions * kv_bytes_per_position`` bytes each (fp32 keys and values, exact), one round trip
+    per layer: up to the server at ``uplink_bps``, back at ``downlink_bps``.
+    """
+    if len(old) != len(new):
+        raise ConfigError(f"placements cover {len(old)} and {len(new)} units")
+    nbytes = positions * kv_bytes_per_position + FRAME_OVERHEAD_BYTES
+    total = 0.0
+    for unit in range(1, len(new) - 1):
+        if old[unit] != new[unit]:
+            total += nbytes * 8000.0 / (uplink_bps if new[unit] == SERVER else downlink_bps) + rtt_ms
+    return total
+
+
+def _move_aware_prefill(decode: Problem, positions: int, kv_bytes_per_position: float) -> Callable[[Problem], Plan]:
+    """A prefill solver that avoids a KV move the first decode step cannot absorb.
+
+    At each bandwidth the prefill and decode problems are solved separately. When their
+    placements differ, the KV of every layer that changes sides moves before the first decode
+    step; if that move plus the step's planned latency exceeds the token SLA, the prefill runs
+    the decode placement instead, provided it meets the TTFT SLA (no move at all). Otherwise
+    the prefill's own plan stands.
+    """
+
+    def solve_prefill(prefill: Problem) -> Plan:
+        own = dp(prefill)
+        step = dp(replace(decode, uplink_bps=prefill.uplink_bps, downlink_bps=prefill.downlink_bps))
+        if own.placement == step.placement:
+            return own
+        move = kv_move_ms(own.placement, step.placement, positions=positions,
+                          kv_bytes_per_position=kv_bytes_per_position, uplink_bps=prefill.uplink_bps,
+                          downlink_bps=prefill.downlink_bps, rtt_ms=prefill.rtt_ms)
+        if step.latency_ms + move <= decode.sla_ms:
+            return own
+        same = Plan.evaluate(prefill, step.placement, own.algorithm)
+        return same if same.feasible else own
+
+    return solve_prefill
+
+
 def build_policies(
     *,
     client_prefill_ms: Sequence[float],
@@ -83,6 +134,7 @@ def build_policies(
     sla: PhaseSLA,
     grid: Sequence[float] | None = None,
     work_per_token: Sequence[float] | None = None,
+    kv_bytes_per_position: float | None = None,
 ) -> dict[str, Policy]:
     """Prefill and decode policies: the DP's placement for each uplink range.
 
@@ -90,18 +142,30 @@ def build_policies(
     Server work, the quantity minimised, is ``work_per_token`` (e.g. the bundle's FLOPs per unit)
     times the positions run when given, so identical layers cost the same and measurement noise
     cannot steer the choice between them; otherwise the unscaled measured time.
+
+    With ``kv_bytes_per_position`` (fp32 K and V of one layer for one position) the prefill
+    policy accounts for the KV move to the decode placement: where the first decode step could
+    not absorb it within the token SLA, the prefill runs the decode placement if that meets the
+    TTFT SLA (:func:`kv_move_ms`, ``docs/adaptive.md``).
     """
     grid = list(grid or bandwidth_grid())
-    policies = {}
+    problems = {}
     for phase, client, server, tokens, sla_ms in (
         ("prefill", client_prefill_ms, server_prefill_ms, prompt_tokens, sla.ttft_ms),
         ("decode", client_decode_ms, server_decode_ms, 1, sla.token_ms),
     ):
         work = server if work_per_token is None else [w * tokens for w in work_per_token]
-        problem = build_problem(
+        problems[phase] = build_problem(
             client_ms=client, server_ms=[ms * load_factor for ms in server], server_work=work,
             hidden_size=hidden_size, tokens=tokens, codec=codec, uplink_bps=uplink_bps,
             downlink_bps=downlink_bps, rtt_ms=rtt_ms, sla_ms=sla_ms,
         )
-        policies[phase] = make_policy(problem, grid)
-    return policies
+    solver = None
+    if kv_bytes_per_position is not None:
+        if not kv_bytes_per_position >= 0:
+            raise ConfigError(f"kv_bytes_per_position must be >= 0, got {kv_bytes_per_position}")
+        solver = _move_aware_prefill(problems["decode"], prompt_tokens, kv_bytes_per_position)
+    return {
+        "prefill": make_policy(problems["prefill"], grid, solver=solver),
+        "decode": make_policy(problems["decode"], grid),
+    }

@@ -346,12 +346,15 @@ def make_policy(
     algorithm: str = "dp",
     *,
     scale_downlink: bool = True,
+    solver: Callable[[Problem], Plan] | None = None,
 ) -> Policy:
     """Solve ``problem`` at each grid bandwidth; ranges ``[g_k, g_{k+1})`` take the plan at ``g_k``.
 
     The largest grid point closes the table. Adjacent ranges with the same placement and the same
     feasibility are merged (the merged range keeps the plan solved at its lowest edge).
-    Raises :class:`ConfigError` for fewer than two distinct, finite, positive grid points.
+    ``solver`` replaces ``solve(problem, algorithm)`` for each grid point (``algorithm`` then only
+    names the policy). Raises :class:`ConfigError` for fewer than two distinct, finite, positive
+    grid points.
     """
     grid = sorted({float(g) for g in uplink_bps_grid})
     if len(grid) < 2 or not all(math.isfinite(g) and g > 0 for g in grid):
@@ -361,7 +364,8 @@ def make_policy(
     ranges: list[PolicyRange] = []
     for lo, hi in zip(grid[:-1], grid[1:], strict=True):
         down = problem.downlink_bps * lo / problem.uplink_bps if scale_downlink else problem.downlink_bps
-        plan = solve(replace(problem, uplink_bps=lo, downlink_bps=down), algorithm)
+        at = replace(problem, uplink_bps=lo, downlink_bps=down)
+        plan = solve(at, algorithm) if solver is None else solver(at)
         prev = ranges[-1].plan if ranges else None
         if prev is not None and (prev.placement, prev.feasible) == (plan.placement, plan.feasible):
             ranges[-1] = replace(ranges[-1], hi_bps=hi)
