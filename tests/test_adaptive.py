@@ -179,3 +179,27 @@ def test_a_move_the_prefill_cannot_avoid_leaves_its_plan_alone():
     assert aware["prefill"].plan_for(10e6).placement != aware["decode"].plan_for(10e6).placement  # it moves
     with pytest.raises(ConfigError, match="kv_bytes_per_position"):
         build_policies(**kw, kv_bytes_per_position=-1.0)
+
+
+def test_identical_layers_are_pooled_so_noise_cannot_buy_a_second_server_range():
+    from splitllm.costs import PhaseSLA, build_policies, build_problem, pool_identical
+    from splitllm.planner import dp
+
+    # Four identical layers measured 5, 3, 5, 3 ms on the device; two must go to the server.
+    client = [0.1, 5.0, 3.0, 5.0, 3.0, 0.5]
+    server = [0.01, 0.5, 0.5, 0.5, 0.5, 0.3]
+    work = [1.0, 10.0, 10.0, 10.0, 10.0, 50.0]
+    assert pool_identical(client, work) == [0.1, 4.0, 4.0, 4.0, 4.0, 0.5]
+    link = dict(hidden_size=64, tokens=1, codec="fp32", uplink_bps=100e6, downlink_bps=100e6, rtt_ms=1.0,
+                sla_ms=12.0)
+    raw = dp(build_problem(client_ms=client, server_ms=server, server_work=work, **link))
+    c, s = "client", "server"
+    assert raw.placement == (c, s, c, s, c, c)  # the two "slow" layers: two server runs per token
+    policies = build_policies(
+        client_prefill_ms=client, client_decode_ms=client, server_prefill_ms=server, server_decode_ms=server,
+        load_factor=1.0, hidden_size=64, prompt_tokens=1, codec="fp32", uplink_bps=100e6, downlink_bps=100e6,
+        rtt_ms=1.0, sla=PhaseSLA(ttft_ms=12.0, token_ms=12.0), grid=[100e6, 200e6], work_per_token=work,
+    )
+    plan = policies["decode"].plan_for(100e6)
+    assert plan.feasible and plan.server_work == raw.server_work
+    assert plan.placement in ((c, s, s, c, c, c), (c, c, c, s, s, c), (c, c, s, s, c, c))  # one server range

@@ -20,6 +20,7 @@ __all__ = [
     "build_policies",
     "build_problem",
     "kv_move_ms",
+    "pool_identical",
 ]
 
 # msgpack field names and framing around a Run/Result payload, measured on real frames.
@@ -118,6 +119,27 @@ def _move_aware_prefill(decode: Problem, positions: int, kv_bytes_per_position: 
     return solve_prefill
 
 
+def pool_identical(times: Sequence[float], work: Sequence[float]) -> list[float]:
+    """``times`` with every group of units of equal ``work`` replaced by the group's mean.
+
+    Identical decoder layers measure a little differently from run to run; left alone, that noise
+    decides which of them a plan puts where, and can favour a plan with two server ranges whose
+    only merit is having drawn faster-measured layers. Pooled, identical layers cost the same
+    and the real differences (switches, transfers) decide.
+    """
+    if len(times) != len(work):
+        raise ConfigError(f"{len(times)} unit times for {len(work)} units of work")
+    groups: dict[float, list[int]] = {}
+    for unit, w in enumerate(work):
+        groups.setdefault(float(w), []).append(unit)
+    pooled = [float(t) for t in times]
+    for units in groups.values():
+        mean = sum(pooled[u] for u in units) / len(units)
+        for u in units:
+            pooled[u] = mean
+    return pooled
+
+
 def build_policies(
     *,
     client_prefill_ms: Sequence[float],
@@ -141,7 +163,9 @@ def build_policies(
     Server time is the measured time scaled by ``load_factor`` (queueing on a busy server).
     Server work, the quantity minimised, is ``work_per_token`` (e.g. the bundle's FLOPs per unit)
     times the positions run when given, so identical layers cost the same and measurement noise
-    cannot steer the choice between them; otherwise the unscaled measured time.
+    cannot steer the choice between them; otherwise the unscaled measured time. With
+    ``work_per_token``, units of equal work also get their mean measured times on each side
+    (:func:`pool_identical`).
 
     With ``kv_bytes_per_position`` (fp32 K and V of one layer for one position) the prefill
     policy accounts for the KV move to the decode placement: where the first decode step could
@@ -155,6 +179,8 @@ def build_policies(
         ("decode", client_decode_ms, server_decode_ms, 1, sla.token_ms),
     ):
         work = server if work_per_token is None else [w * tokens for w in work_per_token]
+        if work_per_token is not None:
+            client, server = pool_identical(client, work_per_token), pool_identical(server, work_per_token)
         problems[phase] = build_problem(
             client_ms=client, server_ms=[ms * load_factor for ms in server], server_work=work,
             hidden_size=hidden_size, tokens=tokens, codec=codec, uplink_bps=uplink_bps,
