@@ -129,7 +129,7 @@ async def test_smollm2_plan_against_a_real_server(smollm2_bundle, start_server):
 def _move_scenario(**extra):
     """4 units (embed, 2 layers, head). Decode: the device is too slow for the token SLA, so both
     layers go to the server. Prefill: the device alone meets the TTFT SLA (no server work). Moving
-    the prompt's KV of both layers up after the prefill takes 2 x (256 x 512 B / uplink + RTT)."""
+    the prompt's KV of both layers up after the prefill takes 2 x 256 x 512 B / uplink + one RTT."""
     from splitllm.costs import PhaseSLA, build_policies
 
     return build_policies(
@@ -151,15 +151,17 @@ def test_prefill_policy_keeps_the_decode_placement_when_the_kv_move_would_break_
         assert policies["decode"].plan_for(10e6).placement == (c, s, s, c)
         assert policies["decode"].plan_for(1e9).placement == (c, s, s, c)
     assert separate["prefill"].plan_for(10e6).placement == (c, c, c, c)
-    # At 10 Mbit/s the move takes 2 x (105 + 2) ms, far over the 15 ms token SLA: the prefill
+    # At 10 Mbit/s the move takes 2 x 105 + 2 ms, far over the 15 ms token SLA: the prefill
     # runs the decode placement instead (it meets the 500 ms TTFT SLA), so nothing moves.
     move = kv_move_ms((c, c, c, c), (c, s, s, c), positions=256, kv_bytes_per_position=512.0,
                       uplink_bps=10e6, downlink_bps=10e6, rtt_ms=2.0)
-    assert move == pytest.approx(2 * ((256 * 512 + 160) * 8000 / 10e6 + 2))
+    assert move == pytest.approx(2 * (256 * 512 + 160) * 8000 / 10e6 + 2)
+    assert kv_move_ms((c, s, s, c), (c, s, s, c), positions=256, kv_bytes_per_position=512.0,
+                      uplink_bps=10e6, downlink_bps=10e6, rtt_ms=2.0) == 0.0
     slow = aware["prefill"].plan_for(10e6)
     assert slow.placement == (c, s, s, c) and slow.feasible and slow.latency_ms <= 500
     assert slow.server_work > separate["prefill"].plan_for(10e6).server_work  # the price of not moving
-    # At 1 Gbit/s the move (2 x 3 ms) and the step (~3 ms) fit in 15 ms: the prefill keeps its own plan.
+    # At 1 Gbit/s the move (~4 ms) and the step (~3 ms) fit in 15 ms: the prefill keeps its own plan.
     assert aware["prefill"].plan_for(1e9).placement == (c, c, c, c)
 
 
@@ -203,3 +205,38 @@ def test_identical_layers_are_pooled_so_noise_cannot_buy_a_second_server_range()
     plan = policies["decode"].plan_for(100e6)
     assert plan.feasible and plan.server_work == raw.server_work
     assert plan.placement in ((c, s, s, c, c, c), (c, c, c, s, s, c), (c, c, s, s, c, c))  # one server range
+
+
+async def test_pipelined_requests_come_back_in_order_and_an_error_waits_for_the_batch(tiny_export, start_server):
+    """Remote.request_many (what a KV move uses): every frame goes out before the first reply."""
+    from splitllm import wire
+    from splitllm._remote import Remote
+    from splitllm.errors import ServerUnavailable, SplitLLMError
+
+    path, _ = tiny_export("llama", layers=3)
+    bundle = Bundle.open(path)
+    server = await start_server(path)
+    remote = Remote(server.url, None, 30.0, "pipeline-test")
+    try:
+        await remote.connect(bundle.bundle_id, "fp32")
+
+        def ping(pad: int = 0) -> wire.Ping:
+            return wire.Ping(seq=remote.next_seq(), sent_ms=0.0, pad=b"\0" * pad)
+
+        batch = [ping(), ping(20000), ping(), ping(5)]
+        before = remote.stats.requests
+        replies = await remote.request_many(batch)
+        assert [type(r) for r in replies] == [wire.Pong] * 4
+        assert [r.seq for r in replies] == [m.seq for m in batch]
+        assert [r.pad_len for r in replies] == [0, 20000, 0, 5]
+        assert remote.stats.requests == before + 1  # one link sample for the batch
+        assert await remote.request_many([]) == []
+        # A bad request in the middle: the batch's replies all arrive, then its error is raised,
+        # and the session goes on.
+        with pytest.raises(SplitLLMError, match="unit") as failed:
+            await remote.request_many([ping(), wire.KVGet(seq=remote.next_seq(), unit=99), ping()])
+        assert not isinstance(failed.value, ServerUnavailable)
+        assert remote.connected
+        assert isinstance(await remote.request(ping()), wire.Pong)
+    finally:
+        await remote.close()

@@ -15,6 +15,7 @@ import asyncio
 import ssl as ssl_module
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,8 @@ class Remote:
         self._seq = 0
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
-        self._waiter: tuple[int | None, asyncio.Future[tuple[wire.Message, int]]] | None = None
+        # Requests sent and not answered yet, oldest first: the server answers in order.
+        self._waiters: deque[tuple[int | None, asyncio.Future[tuple[wire.Message, int]]]] = deque()
         self._closed_reason: str | None = None  # why the server ended the session while no request waited
 
     def _ws_url(self) -> str:
@@ -150,7 +152,7 @@ class Remote:
                 except SplitLLMError as exc:  # a malformed frame fails the request it was meant for
                     self._resolve(None, exc, 0)
                     continue
-                if isinstance(reply, wire.Close) and self._waiter is None:
+                if isinstance(reply, wire.Close) and not self._waiters:
                     self._closed_reason = reply.reason
                 self._resolve(reply, None, len(frame.data))
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
@@ -159,29 +161,51 @@ class Remote:
             self._resolve(None, ended, 0)
 
     def _resolve(self, reply: wire.Message | None, error: Exception | None, size: int) -> None:
-        """Complete the waiting request with ``reply`` (if it is the answer to it) or ``error``."""
-        if self._waiter is None:
+        """Complete the oldest waiting request with ``reply`` (if it answers it) or ``error``.
+
+        ``error`` with ``size == 0`` from the end of the connection fails every waiting request."""
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()  # timed out or cancelled
+        if not self._waiters:
             return  # a stale reply to a request that timed out or was cancelled, or nobody waits
-        expected, future = self._waiter
-        if future.done():
-            return
         if error is not None:
-            future.set_exception(error)
-        elif expected is None or getattr(reply, "seq", None) in (None, -1, expected):
+            ended = isinstance(error, ServerUnavailable)
+            while self._waiters:
+                _, future = self._waiters.popleft()
+                if not future.done():
+                    future.set_exception(error)
+                if not ended:
+                    break  # a malformed frame fails only the request it was meant for
+            return
+        expected, future = self._waiters[0]
+        if expected is None or getattr(reply, "seq", None) in (None, -1, expected):
+            self._waiters.popleft()
             future.set_result((reply, size))  # type: ignore[arg-type]
 
     async def _exchange(self, msg: wire.Message) -> wire.Message:
+        return (await self._exchange_many([msg]))[0]
+
+    async def _exchange_many(self, msgs: Sequence[wire.Message]) -> list[wire.Message]:
+        """Send every frame, then collect the replies in order: one round trip for all of them.
+
+        The link statistics get one sample for the batch (its bytes and wall time), as for one
+        large frame. After every reply has arrived, the first error among them is raised.
+        """
         ws = self.ws
         if ws is None or not self.connected:
             reason = f": {self._closed_reason}" if self._closed_reason else ""
             raise ServerUnavailable(f"the connection to {self.url} is closed{reason}")
-        data = wire.pack(msg)
+        frames = [wire.pack(msg) for msg in msgs]
         started = time.perf_counter()
-        future: asyncio.Future[tuple[wire.Message, int]] = asyncio.get_running_loop().create_future()
-        self._waiter = (getattr(msg, "seq", None), future)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[tuple[wire.Message, int]]] = []
         try:
-            await ws.send_bytes(data)
-            reply, size = await asyncio.wait_for(future, self.timeout_s)
+            for msg, data in zip(msgs, frames, strict=True):
+                future: asyncio.Future[tuple[wire.Message, int]] = loop.create_future()
+                self._waiters.append((getattr(msg, "seq", None), future))
+                futures.append(future)
+                await ws.send_bytes(data)
+            answered = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
         except (aiohttp.ClientError, OSError, ConnectionError) as exc:
             await self._broken()
             raise ServerUnavailable(f"lost the connection to {self.url}: {exc}") from exc
@@ -192,18 +216,24 @@ class Remote:
             await self._broken()
             raise
         finally:
-            self._waiter = None
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+            self._waiters = deque(w for w in self._waiters if not w[1].done())
         wall_ms = (time.perf_counter() - started) * 1e3
-        server_ms = getattr(reply, "server_ms", 0.0)
-        self.stats.record(len(data), size, wall_ms, server_ms, getattr(reply, "queue_ms", 0.0))
-        if isinstance(reply, wire.Error):
-            if reply.fatal:
+        replies = [reply for reply, _ in answered]
+        self.stats.record(sum(map(len, frames)), sum(size for _, size in answered), wall_ms,
+                          sum(getattr(r, "server_ms", 0.0) for r in replies),
+                          sum(getattr(r, "queue_ms", 0.0) for r in replies))
+        for reply in replies:
+            if isinstance(reply, wire.Error):
+                if reply.fatal:
+                    await self._broken()
+                wire.raise_for_error(reply)
+            if isinstance(reply, wire.Close):
                 await self._broken()
-            wire.raise_for_error(reply)
-        if isinstance(reply, wire.Close):
-            await self._broken()
-            raise ServerUnavailable(f"the server at {self.url} closed the session: {reply.reason}")
-        return reply
+                raise ServerUnavailable(f"the server at {self.url} closed the session: {reply.reason}")
+        return replies
 
     async def _broken(self) -> None:
         """Forget a connection that can no longer be trusted (the next request reconnects)."""
@@ -227,6 +257,15 @@ class Remote:
     async def request(self, msg: wire.Message) -> wire.Message:
         async with self._lock:
             return await self._exchange(msg)
+
+    async def request_many(self, msgs: Sequence[wire.Message]) -> list[wire.Message]:
+        """Pipeline ``msgs``: every frame goes out before the first reply is awaited, so N
+        requests cost one round trip plus their transfer, not N round trips. The replies come
+        back in order; the first error among them is raised once all have arrived."""
+        if not msgs:
+            return []
+        async with self._lock:
+            return await self._exchange_many(msgs)
 
     async def probe(self, pad_bytes: int = 32768) -> tuple[float, float]:
         """Measure (rtt_ms, uplink_bps) with an empty Ping and a padded one."""

@@ -198,21 +198,31 @@ class SplitClient:
         self.placements_used += 1
 
     async def _move_kv(self, new: Placement) -> None:
+        """Move the KV of every layer that changes sides, exact (fp32), in one pipelined batch."""
         length = len(self.tokens)
+        if length == 0 or self.remote is None:
+            return
+        moves: list[tuple[int, str]] = []
+        requests: list[wire.Message] = []
         for unit in range(1, self.bundle.num_layers + 1):
-            old_side, new_side = self.placement.sides[unit], new.sides[unit]
-            if old_side == new_side or length == 0:
+            new_side = new.sides[unit]
+            if self.placement.sides[unit] == new_side:
                 continue
+            moves.append((unit, new_side))
             if new_side == SERVER:
                 key, value = self.cache.get(unit)
-                await self.remote.request(wire.KVPut(seq=self.remote.next_seq(), unit=unit, length=length,
-                                                     key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32")))
-                self.cache.drop(range(unit, unit + 1))
+                requests.append(wire.KVPut(seq=self.remote.next_seq(), unit=unit, length=length,
+                                           key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32")))
             else:
-                reply = await self.remote.request(wire.KVGet(seq=self.remote.next_seq(), unit=unit))
-                if not isinstance(reply, wire.KVData) or reply.length != length:
-                    raise FrameError(f"expected the KV of unit {unit} with {length} positions, got {reply!r:.80}")
-                self.cache.set(unit, codecs.decode(reply.key), codecs.decode(reply.value))
+                requests.append(wire.KVGet(seq=self.remote.next_seq(), unit=unit))
+        replies = await self.remote.request_many(requests)
+        for (unit, new_side), reply in zip(moves, replies, strict=True):
+            if new_side == SERVER:
+                self.cache.drop(range(unit, unit + 1))
+                continue
+            if not isinstance(reply, wire.KVData) or reply.length != length:
+                raise FrameError(f"expected the KV of unit {unit} with {length} positions, got {reply!r:.80}")
+            self.cache.set(unit, codecs.decode(reply.key), codecs.decode(reply.value))
 
     async def _warm_up(self) -> None:
         for side, start, end in self.placement.runs:

@@ -80,17 +80,20 @@ def kv_move_ms(old: Sequence[str], new: Sequence[str], *, positions: int, kv_byt
     """How long moving the KV cache from placement ``old`` to ``new`` takes, as the client does it.
 
     Units 1..n-2 (the decoder layers; the embedding and head hold no KV) that change sides move
-    ``positions * kv_bytes_per_position`` bytes each (fp32 keys and values, exact), one round trip
-    per layer: up to the server at ``uplink_bps``, back at ``downlink_bps``.
+    ``positions * kv_bytes_per_position`` bytes each (fp32 keys and values, exact): up to the
+    server at ``uplink_bps``, back at ``downlink_bps``. The client pipelines the requests, so the
+    whole move costs one round trip plus the transfers (counted one after the other: an upper
+    bound when both directions carry some). 0 when nothing moves.
     """
     if len(old) != len(new):
         raise ConfigError(f"placements cover {len(old)} and {len(new)} units")
     nbytes = positions * kv_bytes_per_position + FRAME_OVERHEAD_BYTES
-    total = 0.0
+    total, moved = 0.0, False
     for unit in range(1, len(new) - 1):
         if old[unit] != new[unit]:
-            total += nbytes * 8000.0 / (uplink_bps if new[unit] == SERVER else downlink_bps) + rtt_ms
-    return total
+            total += nbytes * 8000.0 / (uplink_bps if new[unit] == SERVER else downlink_bps)
+            moved = True
+    return total + rtt_ms if moved else 0.0
 
 
 def _move_aware_prefill(decode: Problem, positions: int, kv_bytes_per_position: float) -> Callable[[Problem], Plan]:
