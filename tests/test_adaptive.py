@@ -240,3 +240,33 @@ async def test_pipelined_requests_come_back_in_order_and_an_error_waits_for_the_
         assert isinstance(await remote.request(ping()), wire.Pong)
     finally:
         await remote.close()
+
+
+async def test_the_placement_moves_up_a_range_only_past_a_margin_and_down_at_once(tiny_export, start_server):
+    from splitllm._adaptive import UP_MARGIN
+
+    path, source = tiny_export("llama", layers=4)
+    bundle = Bundle.open(path)
+    server = await start_server(path)
+    slow = _slow_device(bundle)
+    ids = _ids(source)
+    async with SplitClient(path, server.url, codec="fp32") as client:
+        await client.plan(ttft_ms=sum(slow.scaled_prefill_ms(len(ids))) * 0.6, token_ms=sum(slow.decode_ms) * 0.6,
+                          prompt_tokens=len(ids), profile=slow)
+        ranges = client.policies["decode"].ranges
+        edges = [i for i in range(len(ranges) - 1) if ranges[i].plan.placement != ranges[i + 1].plan.placement]
+        assert edges, [r.plan.placement for r in ranges]
+        low, high = ranges[edges[0]], ranges[edges[0] + 1]
+
+        async def placement_at(bps: float) -> tuple[str, ...]:
+            client.remote.stats.uplink_bps_ewma = bps
+            await client._adapt("decode", 1)
+            await client._apply_pending()
+            return client.placement.sides
+
+        assert await placement_at(low.lo_bps) == low.plan.placement
+        just_above = high.lo_bps * (1 + UP_MARGIN / 2)
+        assert await placement_at(just_above) == low.plan.placement  # held: it still meets its SLA
+        assert await placement_at(high.lo_bps * (1 + 1.5 * UP_MARGIN)) == high.plan.placement
+        assert await placement_at(just_above) == high.plan.placement  # in its range: no reason to move
+        assert await placement_at(high.lo_bps * 0.99) == low.plan.placement  # below its edge: at once

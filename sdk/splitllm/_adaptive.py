@@ -7,13 +7,14 @@ import time
 from splitllm._remote import Remote
 from splitllm.costs import PhaseSLA
 from splitllm.errors import FrameError
-from splitllm.planner import Policy
+from splitllm.planner import Policy, PolicyRange
 from splitllm.profile import Profile
 
-__all__ = ["PolicyFollower"]
+__all__ = ["UP_MARGIN", "PolicyFollower"]
 
 _DEFAULT_UPLINK_BPS = 100e6  # before anything was measured
 _MIN_PLANNED_PROMPT = 16  # prompts shorter than this do not get a prefill plan of their own
+UP_MARGIN = 0.10  # move up to a higher-bandwidth range only 10% past its lower edge
 
 
 class PolicyFollower:
@@ -22,6 +23,12 @@ class PolicyFollower:
     A policy is asked for again when it is older than the server said it stays valid, when the
     measured uplink leaves its table, or when a prompt is more than twice as long or short as
     the one it was planned for (prefill cost grows with the prompt).
+
+    Switching is asymmetric. Each range's plan was solved at its lower edge and latency only
+    falls as bandwidth rises, so the plan in use keeps meeting its SLA when the uplink climbs
+    into a higher range: the follower moves up only once the uplink is :data:`UP_MARGIN` past
+    the new range's edge, so an estimate hovering at a boundary does not move KV back and forth.
+    It moves down at once, since below its range a plan may miss its SLA.
     """
 
     def __init__(self, sla: PhaseSLA, profile: Profile) -> None:
@@ -31,6 +38,7 @@ class PolicyFollower:
         self._fetched_at = 0.0
         self._valid_s = 30.0
         self._prompt_tokens = 64
+        self._in_use: dict[str, PolicyRange] = {}  # per phase: the range whose plan was last given
 
     async def refresh(self, remote: Remote, codec: str, prompt_tokens: int) -> None:
         link = remote.stats
@@ -49,6 +57,7 @@ class PolicyFollower:
             raise FrameError(f"the server's plan answer is malformed: {exc!r}") from exc
         self._fetched_at = time.monotonic()
         self._prompt_tokens = max(1, prompt_tokens)
+        self._in_use.clear()
 
     async def placement_for(self, remote: Remote, codec: str, phase: str, tokens: int) -> tuple[str, ...] | None:
         """The sides the policy gives this phase at the measured uplink (re-planning when needed)."""
@@ -71,4 +80,12 @@ class PolicyFollower:
         ranges = self.policies[phase].ranges
         if plan is None and ranges:  # still outside the new table: use its nearest end
             plan = ranges[-1].plan if uplink >= ranges[-1].hi_bps else ranges[0].plan
-        return None if plan is None else tuple(plan.placement)
+        if plan is None:
+            return None
+        chosen = next(r for r in ranges if r.plan is plan)
+        held = self._in_use.get(phase)
+        if (held is not None and held in ranges and chosen.lo_bps > held.lo_bps
+                and uplink < chosen.lo_bps * (1 + UP_MARGIN)):
+            chosen = held  # just above a boundary: keep the plan in use (it still meets its SLA)
+        self._in_use[phase] = chosen
+        return tuple(chosen.plan.placement)
