@@ -253,8 +253,8 @@ def test_the_kernel_source_runs_as_plain_python_too(problem: Problem, resolution
     out = []
     for fn in (kernels.compiled(), kernels.dp_kernel):  # numba's and CPython's run of one source
         placement = np.zeros(problem.num_layers, np.int8)
-        found, lat, work = fn(c.table, c.ret_ms, res, problem.sla_ms, placement)
-        out.append((found, lat, work, placement.tolist()))
+        found, lat, work, widest = fn(c.table, c.ret_ms, res, problem.sla_ms, placement)
+        out.append((found, lat, work, widest, placement.tolist()))
     assert out[0] == out[1]
 
 

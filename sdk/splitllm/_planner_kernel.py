@@ -42,13 +42,13 @@ _FIRST_CAPACITY = 1024
 
 def dp_kernel(
     table: np.ndarray, ret_ms: float, res: float, sla: float, placement: np.ndarray
-) -> tuple[int, float, float]:
+) -> tuple[int, float, float, int]:
     """Solve one problem; write the chosen placement (1 = server) into ``placement``.
 
     ``table`` is the problem's ``(5, L)`` cost block (rows cc, cs, ss, sc, work; see
-    ``_planner_model._Costs``). Returns ``(found, latency_ms, server_work)``; ``found`` is 0
-    when no candidate meets the SLA (the caller then returns the minimum-latency plan, as the
-    numpy DP does).
+    ``_planner_model._Costs``). Returns ``(found, latency_ms, server_work, widest)``; ``found``
+    is 0 when no candidate meets the SLA (the caller then returns the minimum-latency plan, as
+    the numpy DP does); ``widest`` is the most points any (layer, side) front held.
     """
     cc, cs, ss, sc, work = table[0], table[1], table[2], table[3], table[4]
     n = cc.shape[0]
@@ -86,6 +86,7 @@ def dp_kernel(
     c0, c1, s0, s1 = 0, 1, 1, 1  # the previous layer's client front [c0, c1), server front [s0, s1)
     top = 1
     final0 = 1
+    widest = 1
     for i in range(n + 1):
         last = i == n  # the extra pass merges the two ends of whole plans into the final front
         new_c0, new_c1, new_s0 = top, top, top
@@ -132,6 +133,7 @@ def dp_kernel(
             if not to_server:
                 new_c1 = top
         c0, c1, s0, s1 = new_c0, new_c1, new_s0, top
+        widest = max(widest, c1 - c0, s1 - s0)
 
     # The final front is [final0, top), least work last: scan from the least work up, rebuild
     # each candidate and evaluate it exactly; the first that meets the SLA wins.
@@ -154,8 +156,8 @@ def dp_kernel(
         if on_server:
             total += ret_ms
         if total <= sla:
-            return 1, total, load
-    return 0, 0.0, 0.0
+            return 1, total, load, widest
+    return 0, 0.0, 0.0, widest
 
 
 _lock = threading.Lock()
@@ -191,7 +193,7 @@ def _compile() -> Callable[..., Any] | None:
         # Compile (or load) now, for the argument types dp passes: a read-only cost table.
         table = np.ones((5, 1))
         table.flags.writeable = False
-        found, _, _ = kernel(table, 1.0, 1.0, 8.0, np.empty(1, np.int8))
+        found, _, _, _ = kernel(table, 1.0, 1.0, 8.0, np.empty(1, np.int8))
         if found != 1:
             raise RuntimeError(f"the compiled kernel failed its smoke test (found={found})")
     except Exception as exc:

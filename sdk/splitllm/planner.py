@@ -163,7 +163,7 @@ def dp(problem: Problem, resolution_ms: float | None = None, *, kernel: str = "a
         return _dp_numpy(problem, float(res))
     c = problem._costs
     placement = np.empty(problem.num_layers, np.int8)
-    found, lat, work = compiled(c.table, c.ret_ms, float(res), sla, placement)
+    found, lat, work, _ = compiled(c.table, c.ret_ms, float(res), sla, placement)
     if not found:  # no candidate meets the SLA: the exact minimum-latency plan does if any plan does
         return min_latency(problem, "dp")
     # The kernel evaluated the placement with latency_ms()'s and server_work()'s float operations.
