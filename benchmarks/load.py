@@ -25,10 +25,12 @@ import asyncio
 import json
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -61,9 +63,9 @@ def ensure_bundle(path: Path) -> None:
 
 
 class Server:
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, extra_args: Sequence[str] = ()) -> None:
         try:
-            self.proc, self.url = spawn(bundle, stderr=subprocess.PIPE)
+            self.proc, self.url = spawn(bundle, extra_args, stderr=subprocess.PIPE)
         except SplitLLMError as exc:
             raise SystemExit(str(exc)) from exc
 
@@ -217,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=int, default=2, help="layers on each client (small: 32 prefixes share 2 cores)")
     p.add_argument("--codec", default="int8-block64")
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop connecting and generating by then")
+    p.add_argument("--server-args", default="", help="extra splitllm-server arguments, e.g. '--chunk-units 0'")
     args = p.parse_args(argv)
     ensure_bundle(args.bundle)
-    server = Server(args.bundle)
+    server = Server(args.bundle, shlex.split(args.server_args))
     try:
         report = asyncio.run(run(args, server))
         alive = server.proc.poll() is None
