@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import aiohttp
 import pytest
 from helpers import chat_ids
@@ -92,16 +95,23 @@ async def test_a_slow_device_offloads_and_tokens_stay_exact(tiny_export, start_s
         assert client.last_stats.server_units == 0
 
 
-async def test_the_placement_follows_the_measured_bandwidth(tiny_export, start_server):
+@contextlib.asynccontextmanager
+async def _planned_slow_client(tiny_export, start_server) -> AsyncIterator[tuple[SplitClient, list[int]]]:
+    """A client of a 4-layer tiny Llama on a real server, planned for the fixed slow device with
+    SLAs at 60% of its all-local times: offloading pays whenever the link allows it."""
     path, source = tiny_export("llama", layers=4)
     bundle = Bundle.open(path)
     server = await start_server(path)
     slow = _slow_device(bundle)
     ids = _ids(source)
     async with SplitClient(path, server.url, codec="fp32") as client:
-        token_ms = sum(slow.decode_ms) * 0.6
-        await client.plan(ttft_ms=sum(slow.scaled_prefill_ms(len(ids))) * 0.6, token_ms=token_ms,
+        await client.plan(ttft_ms=sum(slow.scaled_prefill_ms(len(ids))) * 0.6, token_ms=sum(slow.decode_ms) * 0.6,
                           prompt_tokens=len(ids), profile=slow)
+        yield client, ids
+
+
+async def test_the_placement_follows_the_measured_bandwidth(tiny_export, start_server):
+    async with _planned_slow_client(tiny_export, start_server) as (client, _):
         placements = {}
         for bps in (1e9, 2e3 * 8):  # a fast link, then one so slow that sending hidden states costs too much
             client.remote.stats.uplink_bps_ewma = bps
@@ -245,14 +255,7 @@ async def test_pipelined_requests_come_back_in_order_and_an_error_waits_for_the_
 async def test_the_placement_moves_up_a_range_only_past_a_margin_and_down_at_once(tiny_export, start_server):
     from splitllm._adaptive import UP_MARGIN
 
-    path, source = tiny_export("llama", layers=4)
-    bundle = Bundle.open(path)
-    server = await start_server(path)
-    slow = _slow_device(bundle)
-    ids = _ids(source)
-    async with SplitClient(path, server.url, codec="fp32") as client:
-        await client.plan(ttft_ms=sum(slow.scaled_prefill_ms(len(ids))) * 0.6, token_ms=sum(slow.decode_ms) * 0.6,
-                          prompt_tokens=len(ids), profile=slow)
+    async with _planned_slow_client(tiny_export, start_server) as (client, ids):
         # Loopback measures Gbit/s; a table around 300 kbit/s (3 kbit/s .. 30 Mbit/s) holds the
         # bandwidth where sending hidden states starts to pay for this slow device.
         client.remote.stats.uplink_bps_ewma = 3e5
