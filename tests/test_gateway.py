@@ -212,3 +212,39 @@ def test_cli_parser_registers_serve_openai():
                               "--split", "2", "--api-key", "k"])
     assert (args.port, args.split, args.api_key, args.host) == (0, 2, "k", "127.0.0.1")
     assert callable(args.func)
+
+
+async def test_concurrency_two_serves_two_conversations_at_once_and_a_next_turn_finds_its_kv(
+    tiny_export, start_server, start_gateway
+):
+    from splitllm.bundle import Bundle
+    from splitllm.errors import ConfigError
+
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path)
+    url = await start_gateway(path, server.url, concurrency=2)
+    other = [{"role": "user", "content": "Name three colours."}]
+    expected = {}
+    for name, messages in (("robots", MESSAGES), ("colours", other)):
+        async with SplitClient(path, server.url, split=SPLIT, codec=CODEC) as client:
+            expected[name] = "".join([p.text async for p in client.generate(messages, max_new_tokens=24)])
+    api = _openai(url)
+    sessions, metrics = server.state.sessions, server.state.metrics
+    opened = sessions.opened_total
+
+    async def ask(messages) -> str:
+        reply = await api.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=24)
+        return reply.choices[0].message.content
+
+    robots, colours = await asyncio.gather(ask(MESSAGES), ask(other))
+    assert (robots, colours) == (expected["robots"], expected["colours"])  # greedy: as if each ran alone
+    assert sessions.opened_total - opened == 2  # one server session per gateway client
+    # The next turn of the robots conversation goes to the client holding its KV: only the
+    # positions after the first prompt reach the server.
+    turn = [*MESSAGES, {"role": "assistant", "content": robots}, {"role": "user", "content": "And then?"}]
+    text = Bundle.open(path, verify=False).text
+    before = metrics.tokens_in
+    await ask(turn)
+    assert metrics.tokens_in - before <= len(text.encode_chat(turn)) - len(text.encode_chat(MESSAGES))
+    with pytest.raises(ConfigError, match="concurrency"):
+        create_gateway_app(path, server.url, concurrency=0)

@@ -1,14 +1,14 @@
 """An OpenAI-compatible HTTP gateway in front of a split, so existing OpenAI clients can use SplitLLM.
 
-``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming or not) run through one
-:class:`~splitllm.client.SplitClient`: the first layers in this process, the rest on the split
+``GET /v1/models`` and ``POST /v1/chat/completions`` (streaming or not) run through
+:class:`~splitllm.client.SplitClient` s: the first layers in this process, the rest on the split
 server. Usage, options and limitations: docs/gateway.md.
 
 Concurrency contract: a SplitClient holds **one** conversation's KV cache, so a gateway process
-owns exactly one client and serialises requests with an ``asyncio.Lock`` (FIFO), held until a
-request's last token is sent. Each request is an independent conversation; the client reuses the
-KV of the prefix it shares with the previous one. The client connects on the first request and
-is rebuilt after its connection is lost. Errors have OpenAI's JSON shape: 400 bad request, 401
+owns ``concurrency`` clients (default 1) and a request holds one of them until its last token is
+sent; more requests wait. Each request is an independent conversation; it takes the idle client
+whose KV covers the longest prefix of its prompt, so a conversation's next turn only runs its new
+tokens. A client connects on its first request and is rebuilt after its connection is lost. Errors have OpenAI's JSON shape: 400 bad request, 401
 bad gateway API key, 502 the split server failed, 503 it cannot be reached.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -187,24 +188,54 @@ def _parse_chat(body: object) -> _ChatRequest:
 # ---------------------------------------------------------------------- the one client
 
 
+class _Slot:
+    """One SplitClient (one server session, one conversation's KV), used by one request at a time."""
+
+    def __init__(self) -> None:
+        self.client: SplitClient | None = None
+
+    def shared_prefix(self, ids: list[int]) -> int:
+        """How many leading positions of ``ids`` this slot's client already holds the KV of."""
+        held = self.client.tokens if self.client is not None else []
+        n = 0
+        for a, b in zip(held, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
 class _Gateway:
-    """The app's state: its options and its single SplitClient (built on first use, dropped when broken)."""
+    """The app's state: its options and ``concurrency`` SplitClients, each built on first use and
+    dropped when broken. A request takes the idle client holding the longest prefix of its
+    prompt (a conversation's next turn finds its KV), or waits for one."""
 
     def __init__(self, bundle: Bundle, server_url: str, token: str | None, split: int | None, codec: str,
-                 model_name: str, api_key: str | None) -> None:
+                 model_name: str, api_key: str | None, concurrency: int = 1) -> None:
         self.bundle, self.server_url, self.token, self.split, self.codec = bundle, server_url, token, split, codec
         self.model_name, self.api_key = model_name, api_key
         self.fingerprint = f"splitllm-{bundle.bundle_id[:12]}"
-        self.lock = asyncio.Lock()  # one conversation KV per client: one request at a time
-        self._client: SplitClient | None = None
+        self.slots = [_Slot() for _ in range(concurrency)]
+        self._idle = list(self.slots)
+        self._changed = asyncio.Condition()
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None
+    @contextlib.asynccontextmanager
+    async def slot(self, ids: list[int]) -> AsyncIterator[_Slot]:
+        """Hold the idle slot whose client shares the longest prefix with ``ids`` (waiting for one)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._idle))
+            chosen = max(self._idle, key=lambda slot: slot.shared_prefix(ids))
+            self._idle.remove(chosen)
+        try:
+            yield chosen
+        finally:
+            async with self._changed:
+                self._idle.append(chosen)
+                self._changed.notify()
 
-    async def client(self) -> SplitClient:
-        """The connected client (call with ``lock`` held); raises ServerUnavailable if unreachable."""
-        if self._client is None:
+    async def client(self, slot: _Slot) -> SplitClient:
+        """The slot's connected client (hold the slot); raises ServerUnavailable if unreachable."""
+        if slot.client is None:
             from splitllm.client import SplitClient
 
             # A gateway answers 503 rather than quietly running the whole model itself, and it
@@ -217,29 +248,34 @@ class _Gateway:
             except BaseException:
                 await client.close()
                 raise
-            self._client = client
-        return self._client
+            slot.client = client
+        return slot.client
 
-    async def discard(self) -> None:
-        """Drop the client so the next request reconnects with empty caches on both sides."""
-        client, self._client = self._client, None
+    @staticmethod
+    async def discard(slot: _Slot) -> None:
+        """Drop the slot's client so its next request reconnects with empty caches on both sides."""
+        client, slot.client = slot.client, None
         if client is not None:
             await client.close()
 
+    async def close(self) -> None:
+        for slot in self.slots:
+            await self.discard(slot)
+
 
 async def _generate(gateway: _Gateway, req: _ChatRequest, stats_out: list[GenerationStats]) -> AsyncIterator[str]:
-    """Stream the reply's text, holding the gateway's lock until closed; appends the stats when done.
+    """Stream the reply's text, holding one of the gateway's clients until closed; appends the stats when done.
 
     A reused connection found lost before any text was yielded is retried once on a fresh client.
     Any failure that is not the request's own fault drops the client, since a half-finished
     exchange may leave the WebSocket or the server session out of step with the client.
     """
-    async with gateway.lock:
+    ids = gateway.bundle.text.encode_chat(req.messages)
+    async with gateway.slot(ids) as slot:
         for attempt in range(2):
-            sent, reused = False, gateway.connected
+            sent, reused = False, slot.client is not None
             try:
-                client = await gateway.client()
-                ids = client.text.encode_chat(req.messages)
+                client = await gateway.client(slot)
                 max_new = req.max_tokens if req.max_tokens is not None else max(client.max_context - len(ids), 1)
                 pieces = client.generate_ids(ids, max_new_tokens=max_new, temperature=req.temperature,
                                              top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop)
@@ -253,12 +289,12 @@ async def _generate(gateway: _Gateway, req: _ChatRequest, stats_out: list[Genera
             except (errors.ConfigError, errors.GenerationError, GeneratorExit):
                 raise  # the request's own fault, or its reader left: the client is still in step
             except errors.ServerUnavailable:
-                await gateway.discard()
+                await gateway.discard(slot)
                 if sent or attempt or not reused:
                     raise
                 log.info("lost the split server connection; retrying on a fresh one")
             except BaseException:
-                await gateway.discard()
+                await gateway.discard(slot)
                 raise
 
 
@@ -370,24 +406,28 @@ async def _stream(request: web.Request, req: _ChatRequest, head: dict[str, Any],
 
 def create_gateway_app(bundle_path: str | os.PathLike[str] | Bundle, server_url: str, *, token: str | None = None,
                        split: int | None = None, codec: str = DEFAULT_CODEC, model_name: str | None = None,
-                       api_key: str | None = None) -> web.Application:
+                       api_key: str | None = None, concurrency: int = 1) -> web.Application:
     """The gateway app. Opens (and hashes) the bundle and checks the options now; connects later.
 
     ``token`` authenticates the gateway to the split server; ``api_key`` is what the gateway's own
-    callers must send. ``model_name`` defaults to the bundle's model id. Raises BundleError or
-    ConfigError for a bad bundle, split or codec.
+    callers must send. ``model_name`` defaults to the bundle's model id. ``concurrency`` is how
+    many requests run at once, each on its own SplitClient (its own server session, and its own
+    copy of the device layers' sessions: memory grows with it); more requests wait. Raises
+    BundleError or ConfigError for a bad bundle, split, codec or concurrency.
     """
     bundle = bundle_path if isinstance(bundle_path, Bundle) else Bundle.open(bundle_path)
     if split is not None and not 0 <= split <= bundle.num_layers:
         raise errors.ConfigError(f"split must be in 0..{bundle.num_layers}, got {split}")
     codecs.get_codec(codec)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise errors.ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
     app = web.Application(middlewares=[_edge])
     app[_GATEWAY] = gateway = _Gateway(bundle, server_url, token, split, codec, model_name or bundle.model_id,
-                                       api_key or None)
+                                       api_key or None, concurrency)
 
     async def close_client(_: web.Application) -> AsyncIterator[None]:
         yield
-        await gateway.discard()
+        await gateway.close()
 
     app.cleanup_ctx.append(close_client)
     app.router.add_get("/healthz", _healthz)
@@ -423,7 +463,7 @@ def _cmd_serve_openai(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_gateway(args.bundle, args.server, host=args.host, port=args.port, token=token,
                                   split=args.split, codec=args.codec, model_name=args.model_name,
-                                  api_key=api_key))
+                                  api_key=api_key, concurrency=args.concurrency))
     except errors.SplitLLMError:
         raise  # the splitllm CLI prints these
     except OSError as exc:
@@ -445,4 +485,6 @@ def add_gateway_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require this key from callers (or env SPLITLLM_GATEWAY_API_KEY; default: none)")
     p.add_argument("--model-name", default=None, help="model id reported to callers (default: the bundle's)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests served at once, one SplitClient each (default 1; memory grows with it)")
     p.set_defaults(func=_cmd_serve_openai)
