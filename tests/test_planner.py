@@ -66,6 +66,17 @@ def brute_force(problem: Problem) -> Plan:
     return min(plans, key=lambda p: (p.latency_ms, p.server_work))
 
 
+def assert_min_latency(plan: Plan, ref: Plan) -> None:
+    """``plan`` has the least latency, as the brute-force ``ref`` does.
+
+    Which of several least-latency plans it is (the algorithms prefer less work) is not checked
+    on real-valued instances: ``min_latency`` compares partial sums layer by layer, so plans whose
+    latencies differ by less than the final sum's rounding (a 2e-16 ms term next to 2 ms) are
+    not tied for it while the evaluator's totals are equal. Whole-ms tests check the work too.
+    """
+    assert plan.latency_ms == pytest.approx(ref.latency_ms, rel=1e-12, abs=1e-12)
+
+
 def summary(plan: Plan) -> tuple[bool, float, float]:
     return plan.feasible, plan.server_work, plan.latency_ms
 
@@ -163,9 +174,11 @@ def test_ilp_is_exact_on_real_valued_instances(problem: Problem) -> None:
 
     plan, ref = ilp(problem), brute_force(problem)
     assert plan.feasible == ref.feasible
+    if not plan.feasible:
+        assert_min_latency(plan, ref)
+        return
     assert plan.server_work == pytest.approx(ref.server_work, rel=1e-9, abs=1e-12)
-    if plan.feasible:
-        assert plan.latency_ms <= problem.sla_ms
+    assert plan.latency_ms <= problem.sla_ms
 
 
 @KERNELS
@@ -179,7 +192,7 @@ def test_dp_never_breaks_the_sla_and_stays_within_its_bound(
     assert plan.feasible == ref.feasible
     assert plan.latency_ms == latency_ms(problem, plan.placement)
     if not plan.feasible:
-        assert (plan.latency_ms, plan.server_work) == (ref.latency_ms, ref.server_work)
+        assert_min_latency(plan, ref)
         return
     assert plan.latency_ms <= problem.sla_ms
     assert plan.server_work >= ref.server_work

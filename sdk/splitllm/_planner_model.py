@@ -301,7 +301,10 @@ def min_latency(problem: Problem, algorithm: str = "min-latency") -> Plan:
     """The exact minimum-latency placement (ties: less server work), by a 2-state DP over sides.
 
     O(L). The DP and the ILP return it, flagged infeasible, when no plan meets the SLA.
-    Lexicographic (latency, work) minimisation is exact because both are sums over steps.
+    Lexicographic (latency, work) minimisation is exact because both are sums over steps, up to
+    float rounding: partial sums are compared layer by layer, so two plans whose latencies differ
+    only below the rounding of the total (a 2e-16 ms step next to a 2 ms one) are not a tie here
+    and the lower partial sum wins even if it carries more work.
     """
     c = problem._costs
     cc, cs, ss, sc, work = c.cc.tolist(), c.cs.tolist(), c.ss.tolist(), c.sc.tolist(), c.work.tolist()
