@@ -160,6 +160,43 @@ async def test_concurrent_clients_each_get_their_own_tokens(tiny_export, start_s
     assert server.state.metrics.tokens_out == 4 * 12
 
 
+async def test_clients_at_one_split_share_their_device_session_and_still_get_their_own_tokens(
+    tiny_export, start_server
+):
+    """Fused Llama layers (KV bound with IOBinding): four clients in this process run the same
+    prefix on one ORT session, concurrently, each with its own binding and cache."""
+    import gc
+
+    from splitllm import runtime
+
+    path, source = tiny_export("llama", layers=3)
+    server = await start_server(path)
+    prompts = [_ids(source, f"Question number {i}?") for i in range(4)]
+    refs = [reference_run(source.model, p, 11).tokens for p in prompts]
+    clients = [SplitClient(path, server.url, split=2, codec="fp32") for _ in range(4)]
+    try:
+        for client in clients:
+            await client.connect()
+        results = await asyncio.gather(*(_generate(c, p, n=12) for c, p in zip(clients, prompts, strict=True)))
+        assert results == refs
+        segments = [seg for c in clients for seg in c._segments.values()]
+        assert len(segments) == 4 and len({id(seg.session) for seg in segments}) == 1
+        assert len({id(seg) for seg in segments}) == 4  # one Segment (one IOBinding) per client
+    finally:
+        for client in clients:
+            await client.close()
+    bundle = Bundle.open(path)
+    profiled = runtime.Segment(bundle, 0, 3, options=runtime.RuntimeOptions(profile_prefix=str(path / "prof")))
+    plain = runtime.Segment(bundle, 0, 3)
+    assert profiled.session is not plain.session  # profiling sessions are never shared
+    assert runtime.Segment(bundle, 0, 3).session is plain.session
+    assert runtime.Segment(bundle, 0, 3, options=runtime.RuntimeOptions(intra_op_threads=1)).session is not plain.session
+    del clients, client, segments, profiled, plain
+    gc.collect()
+    held = [key for key in list(runtime._shared.keys()) if key[0] == str(path.resolve()) and key[2:4] == (0, 3)]
+    assert not held  # the device sessions went with their last Segment (the server keeps its own)
+
+
 def test_placement_runs_and_their_compact_text():
     from splitllm.client import Placement
 

@@ -412,7 +412,7 @@ def create_gateway_app(bundle_path: str | os.PathLike[str] | Bundle, server_url:
     ``token`` authenticates the gateway to the split server; ``api_key`` is what the gateway's own
     callers must send. ``model_name`` defaults to the bundle's model id. ``concurrency`` is how
     many requests run at once, each on its own SplitClient (its own server session, and its own
-    copy of the device layers' sessions: memory grows with it); more requests wait. Raises
+    KV cache; they share the device layers' ORT session); more requests wait. Raises
     BundleError or ConfigError for a bad bundle, split, codec or concurrency.
     """
     bundle = bundle_path if isinstance(bundle_path, Bundle) else Bundle.open(bundle_path)
@@ -486,5 +486,5 @@ def add_gateway_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="require this key from callers (or env SPLITLLM_GATEWAY_API_KEY; default: none)")
     p.add_argument("--model-name", default=None, help="model id reported to callers (default: the bundle's)")
     p.add_argument("--concurrency", type=int, default=1,
-                   help="requests served at once, one SplitClient each (default 1; memory grows with it)")
+                   help="requests served at once, one SplitClient (server session, KV cache) each (default 1)")
     p.set_defaults(func=_cmd_serve_openai)
