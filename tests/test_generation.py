@@ -161,7 +161,7 @@ async def test_concurrent_clients_each_get_their_own_tokens(tiny_export, start_s
 
 
 async def test_clients_at_one_split_share_their_device_session_and_still_get_their_own_tokens(
-    tiny_export, start_server
+    tiny_export, start_server, tmp_path
 ):
     """Fused Llama layers (KV bound with IOBinding): four clients in this process run the same
     prefix on one ORT session, concurrently, each with its own binding and cache."""
@@ -186,7 +186,7 @@ async def test_clients_at_one_split_share_their_device_session_and_still_get_the
         for client in clients:
             await client.close()
     bundle = Bundle.open(path)
-    profiled = runtime.Segment(bundle, 0, 3, options=runtime.RuntimeOptions(profile_prefix=str(path / "prof")))
+    profiled = runtime.Segment(bundle, 0, 3, options=runtime.RuntimeOptions(profile_prefix=str(tmp_path / "prof")))
     plain = runtime.Segment(bundle, 0, 3)
     assert profiled.session is not plain.session  # profiling sessions are never shared
     assert runtime.Segment(bundle, 0, 3).session is plain.session
