@@ -304,6 +304,9 @@ def test_kernel_choice_is_checked() -> None:
     from splitllm.planner import load_kernel
 
     assert load_kernel() == ("numpy" if _planner_kernel.compiled() is None else "compiled")
+    from splitllm.planner import kernel_status
+
+    assert kernel_status() == load_kernel()
     problem = Problem.from_dict(valid_dict())
     with pytest.raises(ConfigError, match="kernel must be one of auto, compiled, numpy"):
         dp(problem, kernel="fortran")
@@ -317,10 +320,11 @@ def test_numpy_kernel_can_be_forced_from_the_environment() -> None:
         "print(dp(p).algorithm, load_kernel())\n"
         "try:\n    dp(p, kernel='compiled')\nexcept ConfigError as exc:\n    print('refused:', exc)\n"
     )
+    code = "from splitllm.planner import kernel_status\nprint(kernel_status())\n" + code
     env = {**os.environ, "SPLITLLM_PLANNER_KERNEL": "numpy"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "dp numpy"
+    assert done.stdout.splitlines()[:2] == ["not loaded", "dp numpy"]
     assert "refused: the compiled DP kernel needs numba" in done.stdout
 
 

@@ -260,7 +260,9 @@ async def test_server_runs_a_variant_when_told(variant_bundle, start_server):
     """splitllm-server --weights int4: the split gives the tokens of the device running int4 alone."""
     server = await start_server(variant_bundle, weights="int4")
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/healthz") as response:
-        assert (await response.json())["weights"] == "int4"
+        health = await response.json()
+        assert health["weights"] == "int4" and health["chunk_units"] == 8
+        assert health["planner_kernel"] in ("compiled", "numpy", "not loaded")
     bundle = Bundle.open(variant_bundle, verify=False)
     ids = quality_tokens(bundle, 12).tolist()
 

@@ -178,6 +178,11 @@ def compiled() -> Callable[..., Any] | None:
     return _loaded[0]
 
 
+def loaded() -> bool | None:
+    """None before :func:`compiled` was first asked; then whether it gave a compiled kernel."""
+    return (_loaded[0] is not None) if _loaded else None
+
+
 def _compile() -> Callable[..., Any] | None:
     if os.environ.get("SPLITLLM_PLANNER_KERNEL", "").strip().lower() == "numpy":
         return None

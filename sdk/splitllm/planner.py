@@ -59,6 +59,7 @@ __all__ = [
     "dp",
     "greedy",
     "ilp",
+    "kernel_status",
     "latency_ms",
     "load_kernel",
     "main",
@@ -182,6 +183,15 @@ def load_kernel() -> str:
         return "numpy"
     dp(Problem((Layer(1.0, 1.0, 1.0, 1.0),), 1.0, 1.0, 1.0, 0.0, 1.0), kernel="compiled")
     return "compiled"
+
+
+def kernel_status() -> str:
+    """Which DP kernel :func:`dp` runs by default, without loading anything: ``"compiled"``,
+    ``"numpy"`` (numba missing, failed, or turned off) or ``"not loaded"`` (nothing asked yet)."""
+    loaded = _planner_kernel.loaded()
+    if loaded is None:
+        return "not loaded"
+    return "compiled" if loaded else "numpy"
 
 
 def _dp_numpy(problem: Problem, res: float) -> Plan:

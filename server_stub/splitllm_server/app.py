@@ -46,7 +46,8 @@ async def _auth(request: web.Request, handler):  # noqa: ANN001, ANN202
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response({"status": "ok", "model": state.bundle.model_id, "weights": state.engine.variant,
-                              "sessions": len(state.sessions)})
+                              "sessions": len(state.sessions), "planner_kernel": planner.kernel_status(),
+                              "chunk_units": state.engine.chunk_units})
 
 
 async def metrics(request: web.Request) -> web.Response:
