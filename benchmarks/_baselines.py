@@ -30,6 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from splitllm._stream import common_prefix
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2"
@@ -206,12 +208,7 @@ async def stop_server(proc: asyncio.subprocess.Process, timeout_s: float = SERVE
 
 def agreement(ids: list[int], ref: list[int]) -> int:
     """Length of the common prefix of two token sequences."""
-    n = 0
-    for a, b in zip(ids, ref, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix(ids, ref)
 
 
 def dir_size_bytes(path: Path) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from splitllm import wire
 from splitllm._adaptive import PolicyFollower
 from splitllm._placement import CLIENT, SERVER, Placement
 from splitllm._remote import LinkStats, Remote
-from splitllm._stream import GenerationStats, StopText, TokenPiece
+from splitllm._stream import GenerationStats, StopText, TokenPiece, common_prefix
 from splitllm.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.costs import PhaseSLA
 from splitllm.errors import ConfigError, ContextTooLong, FrameError, ServerUnavailable
@@ -404,12 +404,8 @@ class SplitClient:
         stats = GenerationStats(prompt_tokens=len(prompt_ids), split=self.placement.split, codec=self.codec)
         self.last_stats = stats
         started = time.perf_counter()
-        common = 0
-        for a, b in zip(self.tokens, prompt_ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt_ids) - 1)  # at least one position must run to get logits
+        # At least one position must run to get logits.
+        common = min(common_prefix(self.tokens, prompt_ids), len(prompt_ids) - 1)
         if self.remote is not None and not self.remote.connected:
             await self._failover(params)
         if common < len(self.tokens) or self._dirty:

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from splitllm import codec as codecs
 from splitllm import errors
+from splitllm._stream import common_prefix
 from splitllm.bundle import Bundle
 
 if TYPE_CHECKING:  # the client pulls in onnxruntime; `splitllm info` should not pay for it
@@ -196,13 +197,7 @@ class _Slot:
 
     def shared_prefix(self, ids: list[int]) -> int:
         """How many leading positions of ``ids`` this slot's client already holds the KV of."""
-        held = self.client.tokens if self.client is not None else []
-        n = 0
-        for a, b in zip(held, ids, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.client.tokens, ids) if self.client is not None else 0
 
 
 class _Gateway:
