@@ -28,7 +28,7 @@ from splitllm.errors import ConfigError, RuntimeFailure
 if TYPE_CHECKING:
     from splitllm.bundle import Bundle, ModelShapes
 
-__all__ = ["KVCache", "RuntimeOptions", "Segment", "causal_mask", "make_session", "shared_session"]
+__all__ = ["KVCache", "RuntimeOptions", "Segment", "causal_mask", "make_session"]
 
 _NEG = np.float32(np.finfo(np.float32).min)
 
@@ -75,6 +75,10 @@ class RuntimeOptions:
         return so
 
 
+_shared: weakref.WeakValueDictionary[tuple[Any, ...], ort.InferenceSession] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
 def make_session(
     bundle: Bundle,
     start: int,
@@ -83,47 +87,31 @@ def make_session(
     last_logits_only: bool = False,
     options: RuntimeOptions | None = None,
     variant: str = DEFAULT_VARIANT,
+    shared: bool = False,
 ) -> ort.InferenceSession:
-    """An ORT session for units [start, end) of ``bundle`` with ``variant`` weights (see Bundle.variants)."""
+    """An ORT session for units [start, end) of ``bundle`` with ``variant`` weights (see Bundle.variants).
+
+    ``shared``: one session per process for equal arguments while any user holds it. A session
+    holds its weights and their prepacked copies; Segments of several clients in one process (a
+    gateway, a load test) that run the same range share it, each with its own IOBinding (ORT's
+    Run is thread-safe). Profiling sessions are never shared.
+    """
+    options = options or RuntimeOptions()
+    key = (str(bundle.path.resolve()), bundle.bundle_id, start, end, last_logits_only, variant, options)
+    if shared and not options.profile_prefix:
+        with _shared_lock:
+            session = _shared.get(key)
+            if session is None:
+                session = _shared[key] = make_session(bundle, start, end, last_logits_only=last_logits_only,
+                                                      options=options, variant=variant)
+        return session
     graph = bundle.range_graph(start, end, last_logits_only=last_logits_only, variant=variant)
-    so = (options or RuntimeOptions()).session_options()
+    so = options.session_options()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
     try:
         return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise RuntimeFailure(f"ONNX Runtime could not load units [{start}, {end}) of {bundle.path}: {exc}") from exc
-
-
-_shared: weakref.WeakValueDictionary[tuple[Any, ...], ort.InferenceSession] = weakref.WeakValueDictionary()
-_shared_lock = threading.Lock()
-
-
-def shared_session(
-    bundle: Bundle,
-    start: int,
-    end: int,
-    *,
-    last_logits_only: bool = False,
-    options: RuntimeOptions | None = None,
-    variant: str = DEFAULT_VARIANT,
-) -> ort.InferenceSession:
-    """:func:`make_session`, but one session per process for equal arguments while any is in use.
-
-    An ORT session holds its weights (and their prepacked copies); Segments of several clients
-    in one process (a gateway, a load test) that run the same range share it, each with its own
-    IOBinding (ORT's Run is thread-safe). Profiling sessions are never shared.
-    """
-    options = options or RuntimeOptions()
-    if options.profile_prefix:
-        return make_session(bundle, start, end, last_logits_only=last_logits_only, options=options, variant=variant)
-    key = (str(bundle.path.resolve()), bundle.bundle_id, start, end, last_logits_only, variant, options)
-    with _shared_lock:
-        session = _shared.get(key)
-        if session is None:
-            session = make_session(bundle, start, end, last_logits_only=last_logits_only, options=options,
-                                   variant=variant)
-            _shared[key] = session
-    return session
 
 
 def causal_mask(batch: int, n_tokens: int, past_len: int) -> np.ndarray:
@@ -229,7 +217,7 @@ class Segment:
     ``bind_kv`` (default on) makes a range of fused layers write its cache in place (module
     docstring); off, or for exported layer graphs, every step's outputs replace the cache.
     Segments of the same range and options in one process share their ORT session (and so
-    their weights; :func:`shared_session`); each keeps its own IOBinding.
+    their weights; ``make_session(shared=True)``); each keeps its own IOBinding.
     """
 
     def __init__(
@@ -246,8 +234,8 @@ class Segment:
         self.bundle = bundle
         self.start, self.end = start, end
         self.variant = variant
-        self.session = shared_session(bundle, start, end, last_logits_only=last_logits_only, options=options,
-                                      variant=variant)
+        self.session = make_session(bundle, start, end, last_logits_only=last_logits_only, options=options,
+                                    variant=variant, shared=True)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         num_layers = bundle.num_layers
