@@ -7,8 +7,8 @@ falls as ``b`` grows, so this kernel keeps just its *breakpoints* ``(bins, work)
 where a larger budget buys strictly less work. One layer is then a merge of two sorted lists
 per side instead of two shifted minima over every bin. The values, rounding, budget and
 candidate order are the numpy DP's exactly (see ``docs/planner.md``), so both keep the same
-guarantees; only the representation differs. For LLM cost tables a front holds a few dozen
-points, not thousands of bins.
+guarantees; only the representation differs. On LLM cost tables a front holds a handful of
+points, not thousands of bins (``benchmarks/planner_speed.py`` prints them: at most 106).
 
 Two more savings, neither of which changes a candidate:
 
