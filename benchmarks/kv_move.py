@@ -75,7 +75,7 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         stop(proc)
     med = {mode: statistics.median(values) * 1e3 for mode, values in times.items()}
-    kv_mb = args.layers * args.prompt_tokens * 2 * bundle.shapes.num_kv_heads * bundle.shapes.head_dim * 4 / 1e6
+    kv_mb = args.layers * args.prompt_tokens * bundle.shapes.kv_bytes_per_position / 1e6
     return {"rtt_ms": args.rtt_ms, "mbps": args.mbps, "prompt_tokens": args.prompt_tokens, "layers": args.layers,
             "kv_mb_per_switch": round(kv_mb, 3), "switch_ms_median": {k: round(v, 1) for k, v in med.items()},
             "speedup": round(med["one by one"] / med["pipelined"], 2), "tokens_same_as_never_switching": same}

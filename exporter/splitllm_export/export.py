@@ -55,7 +55,7 @@ def cost_table(spec: ArchSpec, shapes: Shapes, blocks: Sequence[BlockInfo]) -> d
             "flops_per_token_prefill": 2 * p + attn_decode // 2,
             "flops_per_token_decode": 2 * p + attn_decode,
             "out_bytes_per_token": 4 * h,
-            "kv_bytes_per_token": 2 * shapes.num_kv_heads * shapes.head_dim * 4,
+            "kv_bytes_per_token": shapes.kv_bytes_per_position,
         })
     units.append({
         "name": "head", "kind": "head", "params": params["head"],

@@ -51,6 +51,11 @@ class ModelShapes:
     vocab_size: int
     max_context: int
 
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of one decoder layer's fp32 keys and values for one position (what a KV move sends)."""
+        return 2 * self.num_kv_heads * self.head_dim * 4
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelShapes:
         try:

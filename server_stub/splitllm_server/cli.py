@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError, SplitLLMError
 from splitllm_server.app import create_app
 from splitllm_server.config import DEFAULT_CHUNK_UNITS, ServerConfig
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut ranges at multiples of this many units so splits share sessions and weights "
                         "(0: one session per range)")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
-    p.add_argument("--weights", default="fp32",
+    p.add_argument("--weights", default=DEFAULT_VARIANT,
                    help="weights to run: fp32 (exact, default) or a variant the bundle has (fp16, int8, int4)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="decode steps in a row per session")
     p.add_argument("--max-steps-per-s", type=float, default=1000.0, help="requests per second per connection")

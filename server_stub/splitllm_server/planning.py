@@ -44,12 +44,6 @@ def _gflops_per_token(bundle) -> list[float] | None:  # noqa: ANN001 - Bundle
     return [float(u.get("flops_per_token_decode", 0)) / 1e9 for u in units]
 
 
-def _kv_bytes_per_position(bundle) -> float:  # noqa: ANN001 - Bundle
-    """fp32 keys and values of one decoder layer for one position: what a KV move sends."""
-    s = bundle.shapes
-    return 2.0 * s.num_kv_heads * s.head_dim * 4
-
-
 async def server_profile(state) -> Profile:  # noqa: ANN001 - ServerState
     """Measure (once, on the ORT worker) or load this server's per-unit profile."""
     if state.profile is None:
@@ -111,7 +105,7 @@ async def plan_route(request: web.Request) -> web.Response:
             # ask again after a large change.
             grid=bandwidth_grid(req["uplink_bps"] / 100, req["uplink_bps"] * 100),
             work_per_token=_gflops_per_token(state.bundle),
-            kv_bytes_per_position=_kv_bytes_per_position(state.bundle),
+            kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
         ))
     except SplitLLMError as exc:
         state.metrics.count_error(exc.code)
