@@ -7,7 +7,7 @@ about what a placement costs. Units are the planner's layers (embeddings and hea
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from splitllm import codec as codecs
 from splitllm.errors import ConfigError
@@ -96,25 +96,26 @@ def kv_move_ms(old: Sequence[str], new: Sequence[str], *, positions: int, kv_byt
     return total + rtt_ms if moved else 0.0
 
 
-def _move_aware_prefill(decode: Problem, positions: int, kv_bytes_per_position: float) -> Callable[[Problem], Plan]:
+def _move_aware_prefill(decode_plans: dict[float, Plan], token_ms: float, positions: int,
+                        kv_bytes_per_position: float) -> Callable[[Problem], Plan]:
     """A prefill solver that avoids a KV move the first decode step cannot absorb.
 
-    At each bandwidth the prefill and decode problems are solved separately. When their
-    placements differ, the KV of every layer that changes sides moves before the first decode
-    step; if that move plus the step's planned latency exceeds the token SLA, the prefill runs
-    the decode placement instead, provided it meets the TTFT SLA (no move at all). Otherwise
-    the prefill's own plan stands.
+    ``decode_plans`` holds the decode policy's plan at each grid uplink (solved once, for that
+    policy). When the prefill's own plan differs, the KV of every layer that changes sides moves
+    before the first decode step; if that move plus the step's planned latency exceeds the
+    token SLA, the prefill runs the decode placement instead, provided it meets the TTFT SLA
+    (no move at all). Otherwise the prefill's own plan stands.
     """
 
     def solve_prefill(prefill: Problem) -> Plan:
         own = dp(prefill)
-        step = dp(replace(decode, uplink_bps=prefill.uplink_bps, downlink_bps=prefill.downlink_bps))
+        step = decode_plans[prefill.uplink_bps]
         if own.placement == step.placement:
             return own
         move = kv_move_ms(own.placement, step.placement, positions=positions,
                           kv_bytes_per_position=kv_bytes_per_position, uplink_bps=prefill.uplink_bps,
                           downlink_bps=prefill.downlink_bps, rtt_ms=prefill.rtt_ms)
-        if step.latency_ms + move <= decode.sla_ms:
+        if step.latency_ms + move <= token_ms:
             return own
         same = Plan.evaluate(prefill, step.placement, own.algorithm)
         return same if same.feasible else own
@@ -189,12 +190,16 @@ def build_policies(
             hidden_size=hidden_size, tokens=tokens, codec=codec, uplink_bps=uplink_bps,
             downlink_bps=downlink_bps, rtt_ms=rtt_ms, sla_ms=sla_ms,
         )
+    if kv_bytes_per_position is not None and not kv_bytes_per_position >= 0:
+        raise ConfigError(f"kv_bytes_per_position must be >= 0, got {kv_bytes_per_position}")
+    decode_plans: dict[float, Plan] = {}  # grid uplink -> the decode plan there, for the prefill's check
+
+    def solve_decode(problem: Problem) -> Plan:
+        decode_plans[problem.uplink_bps] = plan = dp(problem)
+        return plan
+
+    decode = make_policy(problems["decode"], grid, solver=solve_decode)
     solver = None
     if kv_bytes_per_position is not None:
-        if not kv_bytes_per_position >= 0:
-            raise ConfigError(f"kv_bytes_per_position must be >= 0, got {kv_bytes_per_position}")
-        solver = _move_aware_prefill(problems["decode"], prompt_tokens, kv_bytes_per_position)
-    return {
-        "prefill": make_policy(problems["prefill"], grid, solver=solver),
-        "decode": make_policy(problems["decode"], grid),
-    }
+        solver = _move_aware_prefill(decode_plans, sla.token_ms, prompt_tokens, kv_bytes_per_position)
+    return {"prefill": make_policy(problems["prefill"], grid, solver=solver), "decode": decode}

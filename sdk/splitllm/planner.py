@@ -141,8 +141,8 @@ def dp(problem: Problem, resolution_ms: float | None = None, *, kernel: str = "a
 
     Two kernels compute the same table. With numba installed (the ``server`` extra) a compiled
     kernel keeps only each side's breakpoints, the budgets where the least work drops
-    (``splitllm._planner_kernel``): O(L * points), a few dozen points per layer on LLM cost
-    tables, ~10 us at L = 64. Without numba (or with ``SPLITLLM_PLANNER_KERNEL=numpy``) the numpy
+    (``splitllm._planner_kernel``): O(L * points), a handful of points per front on LLM cost
+    tables (``benchmarks/planner_speed.py`` prints them), ~10 us at L = 64. Without numba (or with ``SPLITLLM_PLANNER_KERNEL=numpy``) the numpy
     kernel fills every bin: five vector operations per layer, O(L * bins) time and bits.
     ``kernel`` picks one: ``"auto"`` (compiled if available), ``"compiled"`` (``ConfigError``
     without numba) or ``"numpy"``. On grid instances both return the same plan; otherwise a work
@@ -179,10 +179,8 @@ def load_kernel() -> str:
     Loading takes ~0.2 s from numba's on-disk cache; the first time on a machine (or after the
     kernel's source changed) numba compiles it, a few seconds. The server calls this at start-up.
     """
-    if _planner_kernel.compiled() is None:
-        return "numpy"
-    dp(Problem((Layer(1.0, 1.0, 1.0, 1.0),), 1.0, 1.0, 1.0, 0.0, 1.0), kernel="compiled")
-    return "compiled"
+    # compiled() compiles (or loads) the kernel for dp's argument types and smoke-tests it.
+    return "numpy" if _planner_kernel.compiled() is None else "compiled"
 
 
 def kernel_status() -> str:
