@@ -163,7 +163,8 @@ class Remote:
     def _resolve(self, reply: wire.Message | None, error: Exception | None, size: int) -> None:
         """Complete the oldest waiting request with ``reply`` (if it answers it) or ``error``.
 
-        ``error`` with ``size == 0`` from the end of the connection fails every waiting request."""
+        A ServerUnavailable (the connection ended) fails every waiting request; any other error
+        (a malformed frame) fails only the oldest."""
         while self._waiters and self._waiters[0][1].done():
             self._waiters.popleft()  # timed out or cancelled
         if not self._waiters:

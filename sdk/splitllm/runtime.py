@@ -97,8 +97,8 @@ def make_session(
     Run is thread-safe). Profiling sessions are never shared.
     """
     options = options or RuntimeOptions()
-    key = (str(bundle.path.resolve()), bundle.bundle_id, start, end, last_logits_only, variant, options)
     if shared and not options.profile_prefix:
+        key = (str(bundle.path.resolve()), bundle.bundle_id, start, end, last_logits_only, variant, options)
         with _shared_lock:
             session = _shared.get(key)
             if session is None:
@@ -267,7 +267,7 @@ class Segment:
             feeds["position_ids"] = np.broadcast_to(positions, (batch, n_tokens))
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = causal_mask(batch, n_tokens, past_len)
-        if "seqlens_k" in self.input_names:  # fused layers (GroupQueryAttention) of a device variant
+        if "seqlens_k" in self.input_names:  # fused layers (GroupQueryAttention): exact blocks or a variant
             feeds["seqlens_k"] = np.full(batch, past_len + n_tokens - 1, dtype=np.int32)
             feeds["total_seq_len"] = np.array(past_len + n_tokens, dtype=np.int32)
         if self.binds_kv:
