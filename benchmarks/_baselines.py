@@ -206,6 +206,14 @@ async def stop_server(proc: asyncio.subprocess.Process, timeout_s: float = SERVE
         await proc.wait()
 
 
+def status_mb(key: str) -> float:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM, RssAnon, ...) in MiB, NaN if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def agreement(ids: list[int], ref: list[int]) -> int:
     """Length of the common prefix of two token sequences."""
     return common_prefix(ids, ref)

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _baselines import PROMPT, REPO, agreement, machine_header, machine_info
+from _baselines import PROMPT, REPO, agreement, machine_header, machine_info, status_mb
 
 from splitllm.errors import SplitLLMError
 from splitllm_server.launch import spawn, stop
@@ -55,13 +55,6 @@ WORKER_TIMEOUT_S = 600
 
 
 # ----------------------------------------------------------------------------- inside a worker
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _files_mapped_mb(roots: list[Path]) -> dict[str, list[float]]:
@@ -185,10 +178,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     bundle = Bundle.open(spec["bundle"], verify=False)
     prompt_ids = bundle.text.encode_chat([{"role": "user", "content": PROMPT}])
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     run = {"llama.cpp": _llama_cpp, "optimum": _optimum}.get(spec["kind"], _ours)
     result = run(spec, prompt_ids)
-    result.update(rss_base_mb=round(base, 1), rss_peak_mb=round(_status_mb("VmHWM"), 1))
+    result.update(rss_base_mb=round(base, 1), rss_peak_mb=round(status_mb("VmHWM"), 1))
     return result
 
 

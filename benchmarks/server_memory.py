@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _baselines import status_mb
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    value = status_mb(key)
+    if math.isnan(value):
+        raise RuntimeError(f"{key} not in /proc/self/status")
+    return value
 
 
 def worker(spec: dict) -> dict:
