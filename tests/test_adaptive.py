@@ -136,18 +136,17 @@ async def test_smollm2_plan_against_a_real_server(smollm2_bundle, start_server):
 # -- the KV move in the prefill policy ----------------------------------------------------------
 
 
-def _move_scenario(**extra):
+def _move_scenario(*, client_prefill_ms=(1, 50, 50, 1), ttft_ms=500.0, grid=(10e6, 1e9, 1e10), **extra):
     """4 units (embed, 2 layers, head). Decode: the device is too slow for the token SLA, so both
     layers go to the server. Prefill: the device alone meets the TTFT SLA (no server work). Moving
     the prompt's KV of both layers up after the prefill takes 2 x 256 x 512 B / uplink + one RTT."""
     from splitllm.costs import PhaseSLA, build_policies
 
     return build_policies(
-        client_prefill_ms=[1, 50, 50, 1], client_decode_ms=[0.1, 20, 20, 0.1],
+        client_prefill_ms=list(client_prefill_ms), client_decode_ms=[0.1, 20, 20, 0.1],
         server_prefill_ms=[0.1, 5, 5, 0.5], server_decode_ms=[0.05, 0.5, 0.5, 0.1],
         load_factor=1.0, hidden_size=64, prompt_tokens=256, codec="fp32", uplink_bps=10e6,
-        downlink_bps=10e6, rtt_ms=2.0, sla=PhaseSLA(ttft_ms=500, token_ms=15),
-        grid=[10e6, 1e9, 1e10], **extra,
+        downlink_bps=10e6, rtt_ms=2.0, sla=PhaseSLA(ttft_ms=ttft_ms, token_ms=15), grid=list(grid), **extra,
     )
 
 
@@ -176,21 +175,15 @@ def test_prefill_policy_keeps_the_decode_placement_when_the_kv_move_would_break_
 
 
 def test_a_move_the_prefill_cannot_avoid_leaves_its_plan_alone():
-    from splitllm.costs import PhaseSLA, build_policies
     from splitllm.errors import ConfigError
 
     # TTFT SLA 100 ms: the decode placement's prefill (~127 ms at 10 Mbit/s) is too slow for it.
-    kw = dict(
-        client_prefill_ms=[1, 40, 40, 1], client_decode_ms=[0.1, 20, 20, 0.1],
-        server_prefill_ms=[0.1, 5, 5, 0.5], server_decode_ms=[0.05, 0.5, 0.5, 0.1],
-        load_factor=1.0, hidden_size=64, prompt_tokens=256, codec="fp32", uplink_bps=10e6,
-        downlink_bps=10e6, rtt_ms=2.0, sla=PhaseSLA(ttft_ms=100, token_ms=15), grid=[10e6, 1e9],
-    )
-    aware = build_policies(**kw, kv_bytes_per_position=512.0)
-    assert aware == build_policies(**kw)
+    kw = dict(client_prefill_ms=(1, 40, 40, 1), ttft_ms=100.0, grid=(10e6, 1e9))
+    aware = _move_scenario(**kw, kv_bytes_per_position=512.0)
+    assert aware == _move_scenario(**kw)
     assert aware["prefill"].plan_for(10e6).placement != aware["decode"].plan_for(10e6).placement  # it moves
     with pytest.raises(ConfigError, match="kv_bytes_per_position"):
-        build_policies(**kw, kv_bytes_per_position=-1.0)
+        _move_scenario(**kw, kv_bytes_per_position=-1.0)
 
 
 def test_identical_layers_are_pooled_so_noise_cannot_buy_a_second_server_range():
