@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from splitllm._stream import common_prefix
+from splitllm.stream import common_prefix
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"

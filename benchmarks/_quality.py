@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from splitllm import codec as codecs
-from splitllm.bundle import Bundle
 from splitllm.errors import ConfigError
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 __all__ = [
     "CodecQuality",

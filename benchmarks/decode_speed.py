@@ -281,8 +281,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from splitllm.bundle import Bundle
     from splitllm.client import SplitClient
+    from splitllm.model.bundle import Bundle
 
     torch.set_num_threads(args.threads)
     spinning = {"default": None, "on": True, "off": False}[args.spinning]

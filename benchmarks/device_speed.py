@@ -45,7 +45,7 @@ from typing import Any
 from _baselines import PROMPT, REPO, agreement, machine_header, machine_info, status_mb
 
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn, stop
+from splitllm.testing.server import spawn, stop
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"
 GOAL_LOCAL_VS_LLAMA = 1.0  # ours local-only int4 tok/s / llama.cpp tok/s
@@ -174,7 +174,7 @@ def _ours(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this (fresh) process; returns its figures and memory."""
-    from splitllm.bundle import Bundle
+    from splitllm.model.bundle import Bundle
 
     bundle = Bundle.open(spec["bundle"], verify=False)
     prompt_ids = bundle.text.encode_chat([{"role": "user", "content": PROMPT}])
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    from splitllm.bundle import Bundle
+    from splitllm.model.bundle import Bundle
     from splitllm_export.sources import builtin_gguf
 
     print(machine_header(), flush=True)

@@ -3,7 +3,7 @@
 Run: ``python benchmarks/fuzz.py [--frames 100000] [--payloads 100000] [--live-frames 2000]
 [--seed 0] [--max-seconds 600] [--bundle DIR]``
 
-Contracts checked (DESIGN.md "Wire protocol", docs/protocol.md, codec.decode's docstring):
+Contracts checked (docs/protocol.md, codec.decode's docstring):
 
 - ``wire.unpack(bytes)`` returns a registered message that packs and unpacks to itself, or raises
   a ``splitllm.errors.SplitLLMError``; nothing else, and fast.
@@ -48,10 +48,11 @@ import numpy as np
 import zstandard
 
 from splitllm import codec as codecs
-from splitllm import errors, wire
+from splitllm import errors
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn, stop
+from splitllm.protocol import wire
+from splitllm.testing.server import spawn, stop
 
 MAGIC, FIXED = codecs.MAGIC, struct.Struct("<4sBBBBB3s")  # the payload header of codec.py
 INTS = (0, 1, 2, 3, 7, 8, 64, 127, 128, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
@@ -841,7 +842,7 @@ def _export_tiny(out: Path) -> None:
 
 
 def run_live(bundle: Path | None, frames: int, seed: int, deadline: float, plan_requests: int = 0) -> tuple[Live, dict]:
-    from splitllm.bundle import Bundle
+    from splitllm.model.bundle import Bundle
 
     with tempfile.TemporaryDirectory(prefix="splitllm-fuzz-") as tmp:
         if bundle is None:
@@ -867,7 +868,7 @@ def server_bomb(bundle: Path, limit: float) -> tuple[dict, list[Finding]]:
     """One Run of max_context positions whose payload is an int8-block128+zstd column of the
     same element count: a legal element count, so the server decodes it before it checks the
     shape. Measures the server's peak RSS growth and how long a /healthz sent alongside waits."""
-    from splitllm.bundle import Bundle
+    from splitllm.model.bundle import Bundle
 
     b = Bundle.open(bundle, verify=False)
     n, hidden = b.shapes.max_context, b.shapes.hidden_size

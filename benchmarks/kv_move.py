@@ -3,7 +3,7 @@
 Run: ``python benchmarks/kv_move.py [--bundle bundles/smollm2] [--rtt-ms 40] [--mbps 20]
 [--prompt-tokens 64] [--layers 10] [--repeats 3]``
 
-A local ``splitllm-server`` runs behind a :class:`~splitllm.netem.ShapedLink` (``--rtt-ms``,
+A local ``splitllm-server`` runs behind a :class:`~splitllm.testing.netem.ShapedLink` (``--rtt-ms``,
 ``--mbps`` both ways). One client prefills a prompt at split 5 (fp32 codec), then switches
 between split 5 and split ``5 + --layers``: each switch moves the exact (fp32) KV of
 ``--layers`` decoder layers, down to the device and back up. Every switch is timed twice in
@@ -25,10 +25,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from splitllm import Placement
-from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
-from splitllm.netem import ShapedLink
-from splitllm_server.launch import spawn, stop
+from splitllm.model.bundle import Bundle
+from splitllm.testing.netem import ShapedLink
+from splitllm.testing.server import spawn, stop
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Explain, in a few sentences, how a lighthouse keeper spent a stormy night on the coast."

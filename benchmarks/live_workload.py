@@ -42,13 +42,13 @@ import aiohttp
 import numpy as np
 
 from splitllm import Placement
-from splitllm.bundle import Bundle
-from splitllm.costs import PhaseSLA, bandwidth_grid, build_problem
 from splitllm.errors import ServerUnavailable, SplitLLMError
-from splitllm.netem import ShapedLink, SlowDevice, scaled_profile
+from splitllm.model.bundle import Bundle
 from splitllm.planner import latency_ms, make_policy, server_work
-from splitllm.profile import Profile, load_or_measure
-from splitllm_server.launch import spawn
+from splitllm.planner.costs import PhaseSLA, bandwidth_grid, build_problem
+from splitllm.planner.profile import Profile, load_or_measure
+from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
+from splitllm.testing.server import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("all-server", "greedy", "dp")

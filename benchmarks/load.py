@@ -36,10 +36,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn, stop
+from splitllm.model.bundle import Bundle
+from splitllm.testing.server import spawn, stop
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2"

@@ -38,8 +38,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from splitllm import _planner_kernel
 from splitllm.planner import Layer, Plan, Problem, default_resolution_ms, dp, ilp, load_kernel
+from splitllm.planner import kernel as _planner_kernel
 
 SERVER_FLOPS_PER_S = 20e12
 

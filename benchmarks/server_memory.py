@@ -40,8 +40,8 @@ def _status_mb(key: str) -> float:
 def worker(spec: dict) -> dict:
     import numpy as np
 
-    from splitllm.bundle import Bundle
-    from splitllm.runtime import KVCache, RuntimeOptions
+    from splitllm.model.bundle import Bundle
+    from splitllm.model.runtime import KVCache, RuntimeOptions
     from splitllm_server.engine import Engine
 
     class Options(RuntimeOptions):

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from _baselines import REPO, machine_header
 
-from splitllm.bundle import Bundle
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from _baselines import REPO, machine_header, machine_info
 
-from splitllm.bundle import Bundle
-from splitllm.runtime import RuntimeOptions
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import RuntimeOptions
 from splitllm_export.quality import QUALITY_TEXT, compare_quality, next_token_stats, quality_tokens
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"

@@ -5,7 +5,7 @@ Run: ``python examples/bandwidth_demo.py [--steps 100,10,1,0.3,10,100] [--device
 [--server URL] [--bundle DIR]``
 
 Starts a local ``splitllm-server`` (unless ``--server``), puts a
-:class:`~splitllm.netem.ShapedLink` in front of it and runs one client that follows the server's
+:class:`~splitllm.testing.netem.ShapedLink` in front of it and runs one client that follows the server's
 DP policy (``client.plan(...)``). At each step the link's rate (both directions) is set, and the
 client generates ``--per-step`` replies of ``--tokens`` tokens; each reply prints the set and
 measured uplink, the placement it ran with, tokens/s and the share of decoder layers kept off
@@ -13,7 +13,7 @@ the server. ``--plot out.png`` draws bandwidth, layers on the device and tokens/
 (needs matplotlib).
 
 The device assumption is explicit: the client is an emulated device ``--device-factor`` times
-slower than one core of this machine (:class:`~splitllm.netem.SlowDevice`: it plans with this
+slower than one core of this machine (:class:`~splitllm.testing.netem.SlowDevice`: it plans with this
 machine's 1-thread profile scaled by the factor, and sleeps until each local run has taken
 that long). On this machine itself (factor 1) the whole model fits a relaxed SLA locally and
 the bandwidth would not matter.
@@ -37,11 +37,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from splitllm import Placement
-from splitllm.bundle import Bundle
 from splitllm.errors import ConfigError, SplitLLMError
-from splitllm.netem import ShapedLink, SlowDevice, scaled_profile
-from splitllm.profile import load_or_measure
-from splitllm_server.launch import spawn
+from splitllm.model.bundle import Bundle
+from splitllm.planner.profile import load_or_measure
+from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
+from splitllm.testing.server import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Explain in two sentences why the sky is blue.", "Write a haiku about a quiet harbour.",

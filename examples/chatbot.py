@@ -18,11 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from splitllm.bundle import MANIFEST
-from splitllm.chat_ui import run_chat
+from splitllm.cli.chat_ui import run_chat
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
-from splitllm_server.launch import spawn
+from splitllm.model.bundle import MANIFEST
+from splitllm.testing.server import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 

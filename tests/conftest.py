@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _code_key() -> str:
     h = hashlib.sha256()
     files = sorted((REPO / "exporter" / "splitllm_export").glob("*.py"))
-    files += [REPO / "sdk" / "splitllm" / n for n in ("_graphs.py", "bundle.py", "runtime.py", "text.py")]
+    files += [REPO / "sdk" / "splitllm" / "model" / n for n in ("graphs.py", "bundle.py", "runtime.py", "text.py")]
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -59,7 +59,7 @@ def smollm2_source():
 @pytest.fixture(scope="session")
 def smollm2_bundle(smollm2_source) -> Path:
     """The built-in model exported with validation at every split (cached across local runs)."""
-    from splitllm.bundle import MANIFEST
+    from splitllm.model.bundle import MANIFEST
     from splitllm_export.export import export_bundle
 
     path = CACHE / f"smollm2-{_code_key()}"

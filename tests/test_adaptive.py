@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 from helpers import chat_ids
 
-from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
+from splitllm.model.bundle import Bundle
 from splitllm.planner import Policy
-from splitllm.profile import Profile, load_or_measure, measure
+from splitllm.planner.profile import Profile, load_or_measure, measure
 from splitllm_export.validate import reference_run
 
 
@@ -140,7 +140,7 @@ def _move_scenario(*, client_prefill_ms=(1, 50, 50, 1), ttft_ms=500.0, grid=(10e
     """4 units (embed, 2 layers, head). Decode: the device is too slow for the token SLA, so both
     layers go to the server. Prefill: the device alone meets the TTFT SLA (no server work). Moving
     the prompt's KV of both layers up after the prefill takes 2 x 256 x 512 B / uplink + one RTT."""
-    from splitllm.costs import PhaseSLA, build_policies
+    from splitllm.planner.costs import PhaseSLA, build_policies
 
     return build_policies(
         client_prefill_ms=list(client_prefill_ms), client_decode_ms=[0.1, 20, 20, 0.1],
@@ -151,7 +151,7 @@ def _move_scenario(*, client_prefill_ms=(1, 50, 50, 1), ttft_ms=500.0, grid=(10e
 
 
 def test_prefill_policy_keeps_the_decode_placement_when_the_kv_move_would_break_the_token_sla():
-    from splitllm.costs import kv_move_ms
+    from splitllm.planner.costs import kv_move_ms
 
     separate = _move_scenario()
     aware = _move_scenario(kv_bytes_per_position=512.0)
@@ -187,8 +187,8 @@ def test_a_move_the_prefill_cannot_avoid_leaves_its_plan_alone():
 
 
 def test_identical_layers_are_pooled_so_noise_cannot_buy_a_second_server_range():
-    from splitllm.costs import PhaseSLA, build_policies, build_problem, pool_identical
     from splitllm.planner import dp
+    from splitllm.planner.costs import PhaseSLA, build_policies, build_problem, pool_identical
 
     # Four identical layers measured 5, 3, 5, 3 ms on the device; two must go to the server.
     client = [0.1, 5.0, 3.0, 5.0, 3.0, 0.5]
@@ -212,9 +212,9 @@ def test_identical_layers_are_pooled_so_noise_cannot_buy_a_second_server_range()
 
 async def test_pipelined_requests_come_back_in_order_and_an_error_waits_for_the_batch(tiny_export, start_server):
     """Remote.request_many (what a KV move uses): every frame goes out before the first reply."""
-    from splitllm import wire
-    from splitllm._remote import Remote
     from splitllm.errors import ServerUnavailable, SplitLLMError
+    from splitllm.protocol import wire
+    from splitllm.protocol.connection import Remote
 
     path, _ = tiny_export("llama", layers=3)
     bundle = Bundle.open(path)
@@ -246,7 +246,7 @@ async def test_pipelined_requests_come_back_in_order_and_an_error_waits_for_the_
 
 
 async def test_the_placement_moves_up_a_range_only_past_a_margin_and_down_at_once(tiny_export, start_server):
-    from splitllm._adaptive import UP_MARGIN
+    from splitllm.adaptive import UP_MARGIN
 
     async with _planned_slow_client(tiny_export, start_server) as (client, ids):
         # Loopback measures Gbit/s; a table around 300 kbit/s (3 kbit/s .. 30 Mbit/s) holds the

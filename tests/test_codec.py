@@ -316,7 +316,8 @@ def test_fuzz_mutated_payloads(payload, edits):
 
 # ---------------------------------------------------------------- rotated and entropy-coded codecs
 
-from splitllm import _codec_entropy, _codec_rotate  # noqa: E402 - the private modules these codecs use
+from splitllm.codec import entropy as _codec_entropy  # noqa: E402 - the modules these codecs use
+from splitllm.codec import rotate as _codec_rotate  # noqa: E402
 
 
 def test_rotation_is_orthonormal_and_pinned():

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from splitllm import codec as codecs
-from splitllm.bundle import Bundle
 from splitllm.errors import ConfigError
-from splitllm.runtime import KVCache, Segment
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import KVCache, Segment
 
 _SPEC = importlib.util.spec_from_file_location(
     "_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "_quality.py"

@@ -15,8 +15,8 @@ import pytest
 from helpers import chat_ids
 
 from splitllm import errors
-from splitllm.bundle import MANIFEST, Bundle
-from splitllm.runtime import KVCache, Segment
+from splitllm.model.bundle import MANIFEST, Bundle
+from splitllm.model.runtime import KVCache, Segment
 from splitllm_export.validate import reference_run, run_split
 
 NEW_TOKENS = 16
@@ -232,7 +232,7 @@ def test_sdk_import_and_bundle_open_do_not_load_torch(tiny_export):
     path, _ = tiny_export("llama", layers=3)
     code = (
         "import sys, splitllm\n"
-        "from splitllm.bundle import Bundle\n"
+        "from splitllm.model.bundle import Bundle\n"
         f"b = Bundle.open({str(path)!r})\n"
         "s = b.session(0, b.num_units)\n"
         "b.text.encode('hello')\n"

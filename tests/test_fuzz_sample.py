@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from splitllm import codec as codecs
-from splitllm import errors, wire
-from splitllm.bundle import Bundle
+from splitllm import errors
+from splitllm.model.bundle import Bundle
+from splitllm.protocol import wire
 
 
 def _load_fuzz():

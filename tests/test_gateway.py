@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from splitllm.client import SplitClient
-from splitllm.gateway import add_gateway_parser, create_gateway_app
+from splitllm_server.gateway import build_parser, create_gateway_app
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about robots."}]
 SPLIT = 1
@@ -59,7 +59,7 @@ async def _direct(path, server_url: str, **kw) -> tuple[str, object]:
 async def test_models_lists_the_bundle_model(gateway):
     path, _, url = gateway
     models = await _openai(url).models.list()
-    from splitllm.bundle import Bundle
+    from splitllm.model.bundle import Bundle
 
     assert [m.id for m in models.data] == [Bundle.open(path, verify=False).model_id]
 
@@ -203,22 +203,24 @@ async def test_gateway_connects_lazily_reconnects_and_reports_503_when_the_serve
         await api.chat.completions.create(**kw)
     assert info.value.status_code == 503
 
-def test_cli_parser_registers_serve_openai():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_gateway_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve-openai", "--bundle", "b", "--server", "http://s", "--port", "0",
-                              "--split", "2", "--api-key", "k"])
+def test_cli_parser_of_splitllm_gateway():
+    args = build_parser().parse_args(["--bundle", "b", "--server", "http://s", "--port", "0",
+                                      "--split", "2", "--api-key", "k"])
     assert (args.port, args.split, args.api_key, args.host) == (0, 2, "k", "127.0.0.1")
-    assert callable(args.func)
+
+
+def test_splitllm_serve_openai_says_where_the_gateway_went(capsys):
+    from splitllm.cli import main as splitllm_main
+
+    assert splitllm_main(["serve-openai", "--bundle", "b", "--server", "http://s"]) == 2
+    assert "splitllm-gateway" in capsys.readouterr().err
 
 
 async def test_concurrency_two_serves_two_conversations_at_once_and_a_next_turn_finds_its_kv(
     tiny_export, start_server, start_gateway
 ):
-    from splitllm.bundle import Bundle
     from splitllm.errors import ConfigError
+    from splitllm.model.bundle import Bundle
 
     path, _ = tiny_export("llama", layers=3)
     server = await start_server(path)

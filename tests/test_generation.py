@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from helpers import chat_ids
 
-from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
-from splitllm.sampling import SamplingParams
+from splitllm.model.bundle import Bundle
+from splitllm.model.sampling import SamplingParams
 from splitllm_export.validate import reference_run
 
 NEW_TOKENS = 32
@@ -50,7 +50,7 @@ async def test_tiny_models_through_the_server_match_transformers_at_every_split(
 
 def test_server_ranges_share_their_aligned_pieces(tiny_export):
     from splitllm.errors import ConfigError
-    from splitllm.runtime import RuntimeOptions
+    from splitllm.model.runtime import RuntimeOptions
     from splitllm_server.engine import Engine
 
     path, _ = tiny_export("llama", layers=4)  # 6 units
@@ -167,7 +167,7 @@ async def test_clients_at_one_split_share_their_device_session_and_still_get_the
     prefix on one ORT session, concurrently, each with its own binding and cache."""
     import gc
 
-    from splitllm import runtime
+    from splitllm.model import runtime
 
     path, source = tiny_export("llama", layers=3)
     server = await start_server(path)

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from splitllm.bundle import Bundle
 from splitllm.client import SplitClient
 from splitllm.errors import ConfigError
-from splitllm.netem import ShapedLink, SlowDevice, scaled_profile
-from splitllm.profile import Profile, measure
+from splitllm.model.bundle import Bundle
+from splitllm.planner.profile import Profile, measure
+from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
 from splitllm_export.validate import reference_run
 
 

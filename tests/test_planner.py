@@ -41,7 +41,7 @@ from splitllm.planner import (
 
 def _kernels() -> list:
     """Both DP kernels; the compiled one needs numba (the dev and server extras install it)."""
-    from splitllm import _planner_kernel
+    from splitllm.planner import kernel as _planner_kernel
 
     skip = pytest.mark.skipif(_planner_kernel.compiled() is None, reason="numba is not installed")
     return [pytest.param("compiled", marks=skip), "numpy"]
@@ -240,7 +240,7 @@ def test_several_switches_when_they_pay(kernel: str) -> None:
 
 
 def _compiled_or_skip():
-    from splitllm import _planner_kernel
+    from splitllm.planner import kernel as _planner_kernel
 
     if _planner_kernel.compiled() is None:
         pytest.skip("numba is not installed")
@@ -300,7 +300,7 @@ def test_kernels_agree_when_the_fronts_outgrow_the_first_allocation(seed: int) -
 
 
 def test_kernel_choice_is_checked() -> None:
-    from splitllm import _planner_kernel
+    from splitllm.planner import kernel as _planner_kernel
     from splitllm.planner import load_kernel
 
     assert load_kernel() == ("numpy" if _planner_kernel.compiled() is None else "compiled")

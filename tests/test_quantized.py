@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from splitllm import errors
-from splitllm.bundle import MANIFEST, Bundle
 from splitllm.client import SplitClient
-from splitllm.runtime import KVCache, Segment
+from splitllm.model.bundle import MANIFEST, Bundle
+from splitllm.model.runtime import KVCache, Segment
 from splitllm_export import cli
 from splitllm_export.quality import compare_quality, next_token_stats, quality_tokens
 

@@ -13,9 +13,10 @@ import aiohttp
 import pytest
 from helpers import chat_ids, free_port
 
-from splitllm import errors, wire
-from splitllm.bundle import Bundle
+from splitllm import errors
 from splitllm.client import SplitClient
+from splitllm.model.bundle import Bundle
+from splitllm.protocol import wire
 from splitllm_export.validate import reference_run
 
 TOKENS = 32

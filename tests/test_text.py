@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from splitllm.errors import BundleCorrupt, ConfigError, InvalidToken
-from splitllm.text import IncrementalDecoder, TextCodec
+from splitllm.model.text import IncrementalDecoder, TextCodec
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -129,7 +129,7 @@ def assert_streams_like_decode(codec: TextCodec, ids: list[int], **kwargs) -> No
 
 def test_import_does_not_pull_torch_or_transformers():
     code = (
-        "import sys, splitllm.text; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+        "import sys, splitllm.model.text; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

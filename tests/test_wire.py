@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitllm import errors, wire
+from splitllm import errors
 from splitllm.errors import FrameError, SplitLLMError, VersionMismatch
-from splitllm.wire import (
+from splitllm.protocol import wire
+from splitllm.protocol.wire import (
     PROTOCOL_VERSION,
     Ack,
     Close,

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitllm.bundle import ModelShapes
 from splitllm.errors import UnsupportedArchitecture
+from splitllm.model.bundle import ModelShapes
 
 
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Export a model's blocks to ONNX and store every weight once.
 
 Each block (embeddings, decoder layer i, head, head_last) is exported on its own with the
-TorchScript exporter, then rewritten so that blocks compose (see ``splitllm._graphs``):
+TorchScript exporter, then rewritten so that blocks compose (see ``splitllm.model.graphs``):
 intermediate value names get a block prefix, interface names stay canonical, and every
 initializer is renamed after a hash of its content. Initializers of 1 KiB or more go into one
 shared ``weights.bin`` (each distinct tensor once, page-aligned so ONNX Runtime can map it), so a

@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             block_size=args.block_size,
             fused_layers=args.layer_graphs == "fused",
         )
-        from splitllm.bundle import Bundle
         from splitllm.cli import bundle_summary
+        from splitllm.model.bundle import Bundle
 
         print(bundle_summary(Bundle.open(path, verify=False)))
     except SplitLLMError as exc:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from splitllm.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
 from splitllm.errors import ConfigError, ExportError, SplitLLMError
+from splitllm.model.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
 from splitllm_export.arch import ArchSpec, Shapes, spec_for
 from splitllm_export.blocks import OPSET, BlockInfo, export_blocks
 from splitllm_export.sources import Source
@@ -110,7 +110,7 @@ def export_bundle(
     fused kernels (splitllm_export.fused) instead of exporting them from PyTorch.
     Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
     """
-    from splitllm.text import TextCodec
+    from splitllm.model.text import TextCodec
     from splitllm_export.quantize import scheme_for
 
     schemes = [scheme_for(name, block_size) for name in dict.fromkeys(client_weights) if name != "fp32"]

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from splitllm.bundle import ModelShapes
+from splitllm.model.bundle import ModelShapes
 from splitllm_export.blocks import _tensor_digest
 
 SHARED_INPUTS = ("seqlens_k", "total_seq_len")

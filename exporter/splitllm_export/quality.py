@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from splitllm.bundle import Bundle
 from splitllm.errors import ConfigError
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 QUALITY_TEXT = "pydoc_data.topics values in sorted key order, joined by blank lines"
 

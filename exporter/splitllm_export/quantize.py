@@ -11,7 +11,7 @@ Schemes (ONNX Runtime CPU kernels; see docs/bundle.md for the measurements behin
 - ``int4``: decoder-layer MatMul/Gemm weights in blocks of ``block_size`` along K, stored the way
   llama.cpp's Q4_1 stores them: per block a scale ``d`` and a float minimum ``m``,
   ``w = d * q + m`` with q in 0..15. ORT's MatMulNBits has no fast path for a float offset
-  (FACTS: float zero points run 15x slower) and its uint8 zero points cannot hold ``m``, so each
+  (a float zero point is exact but takes a slow fallback path in ORT 1.32) and its uint8 zero points cannot hold ``m``, so each
   MatMul becomes ``MatMulNBits(A, q, d)`` (no zero points: q - 8) plus a correction
   ``(A @ E) @ M`` where E (K, K/block) sums A per block and M = m + 8d (K/block, N). For a
   dequantised Q4_1 GGUF this reproduces the GGUF's weights to fp32 rounding. The tied
@@ -37,8 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from splitllm.bundle import ModelShapes
 from splitllm.errors import ConfigError, ExportError
+from splitllm.model.bundle import ModelShapes
 from splitllm_export import fused
 from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.bundle import Bundle
 from splitllm.errors import ValidationFailed
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 # Enough threads for speed, no spinning: two sessions alternate in one process here.
 _OPTIONS = RuntimeOptions(allow_spinning=False)

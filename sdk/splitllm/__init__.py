@@ -12,14 +12,14 @@ This module is the SDK's only public door; everything else is an implementation 
 from __future__ import annotations
 
 from splitllm import errors
-from splitllm.bundle import Bundle
 from splitllm.client import ChatSession, GenerationStats, Placement, SplitClient, TokenPiece
 from splitllm.codec import codec_names, decode, encode, get_codec
 from splitllm.errors import SplitLLMError
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import RuntimeOptions
+from splitllm.model.sampling import SamplingParams
 from splitllm.planner import Plan, Policy, Problem, make_policy, solve
-from splitllm.profile import Profile
-from splitllm.runtime import RuntimeOptions
-from splitllm.sampling import SamplingParams
+from splitllm.planner.profile import Profile
 
 __version__ = "0.1.0"
 

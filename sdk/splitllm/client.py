@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 
 from splitllm import codec as codecs
-from splitllm import wire
-from splitllm._adaptive import PolicyFollower
-from splitllm._placement import CLIENT, SERVER, Placement
-from splitllm._remote import LinkStats, Remote
-from splitllm._stream import GenerationStats, StopText, TokenPiece, common_prefix
-from splitllm.bundle import DEFAULT_VARIANT, Bundle
-from splitllm.costs import PhaseSLA
+from splitllm.adaptive import PolicyFollower
 from splitllm.errors import ConfigError, ContextTooLong, FrameError, ServerUnavailable
+from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.sampling import SamplingParams, sample
+from splitllm.placement import CLIENT, SERVER, Placement
 from splitllm.planner import Policy
-from splitllm.profile import Profile, load_or_measure
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
-from splitllm.sampling import SamplingParams, sample
+from splitllm.planner.costs import PhaseSLA
+from splitllm.planner.profile import Profile, load_or_measure
+from splitllm.protocol import wire
+from splitllm.protocol.connection import LinkStats, Remote
+from splitllm.stream import GenerationStats, StopText, TokenPiece, common_prefix
 
 __all__ = ["ChatSession", "GenerationStats", "Placement", "SplitClient", "TokenPiece"]
 

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from splitllm import planner
-from splitllm.bundle import Bundle
-from splitllm.runtime import RuntimeOptions
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import RuntimeOptions
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.handler import Connection

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError, SplitLLMError
+from splitllm.model.bundle import DEFAULT_VARIANT
 from splitllm_server.app import create_app
 from splitllm_server.config import DEFAULT_CHUNK_UNITS, ServerConfig
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError
+from splitllm.model.bundle import DEFAULT_VARIANT
 
 DEFAULT_CHUNK_UNITS = 8  # SmolLM2's 32 units: four shared pieces
 

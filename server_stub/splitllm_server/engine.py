@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitllm.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.errors import ConfigError
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 from splitllm_server.config import DEFAULT_CHUNK_UNITS
 
 

@@ -15,7 +15,6 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from splitllm import codec as codecs
-from splitllm import wire
 from splitllm.errors import (
     AuthError,
     BundleMismatch,
@@ -28,8 +27,9 @@ from splitllm.errors import (
     SplitLLMError,
     TooManyTokens,
 )
-from splitllm.runtime import KVCache
-from splitllm.sampling import SamplingParams, sample
+from splitllm.model.runtime import KVCache
+from splitllm.model.sampling import SamplingParams, sample
+from splitllm.protocol import wire
 from splitllm_server.state import ServerState
 
 log = logging.getLogger("splitllm.server")

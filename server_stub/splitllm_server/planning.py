@@ -14,9 +14,9 @@ from typing import Any
 from aiohttp import web
 
 from splitllm import codec as codecs
-from splitllm.costs import PhaseSLA, bandwidth_grid, build_policies
 from splitllm.errors import ConfigError, SplitLLMError
-from splitllm.profile import Profile, load_or_measure
+from splitllm.planner.costs import PhaseSLA, bandwidth_grid, build_policies
+from splitllm.planner.profile import Profile, load_or_measure
 
 POLICY_VALID_S = 30.0
 _MAX_PROMPT_TOKENS = 1 << 20

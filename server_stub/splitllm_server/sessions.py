@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from splitllm.errors import TooManySessions
-from splitllm.runtime import KVCache
+from splitllm.model.runtime import KVCache
 
 
 @dataclass

@@ -7,8 +7,8 @@ import resource
 from collections import Counter
 from dataclasses import dataclass, field
 
-from splitllm.bundle import Bundle
-from splitllm.profile import Profile
+from splitllm.model.bundle import Bundle
+from splitllm.planner.profile import Profile
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.sessions import SessionStore

@@ -21,8 +21,8 @@ from typing import Any
 
 import aiohttp
 
-from splitllm import wire
 from splitllm.errors import AuthError, FrameError, ServerUnavailable, SplitLLMError, error_from_code
+from splitllm.protocol import wire
 
 
 @dataclass

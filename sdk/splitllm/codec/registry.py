@@ -1,8 +1,8 @@
 """Activation codecs: a float hidden-state tensor (B, T, H) <-> self-describing bytes.
 
 Why: every decode step ships one hidden-state tensor across the network, and the codec decides
-how many bytes that is (FACTS.md: int8 with one fp16 scale per 64 values keeps greedy tokens at
-3.9x fewer bytes than fp32). The bytes carry their own header, so a receiver decodes them with no
+how many bytes that is (int8 with one fp16 scale per 64 values keeps greedy tokens at 3.9x
+fewer bytes than fp32: ``benchmarks/codec_quality.py``). The bytes carry their own header, so a receiver decodes them with no
 out-of-band agreement, and a corrupt or hostile payload is rejected with a
 :class:`~splitllm.errors.CodecError` before anything large is allocated.
 
@@ -27,20 +27,20 @@ Codec ids (each codec also exists as "<name>+zstd": same id, flag bit 0 set)::
     1   fp32                  IEEE float32, the lossless reference
     2   fp16                  IEEE float16
     10  int8-block32          symmetric int-b codes, one float16 scale per block of n values
-    11  int8-block64          of a row (splitllm._codec_scalar)
+    11  int8-block64          of a row (splitllm.codec.scalar)
     12  int8-block128
     20  int6-block64
     25  int5-block64
     30  int4-block64
     40  hadamard-int6-block64     the same on rows rotated by a fixed random-sign block
-    41  hadamard-int5-block64     Hadamard transform (splitllm._codec_rotate)
+    41  hadamard-int5-block64     Hadamard transform (splitllm.codec.rotate)
     42  hadamard-int4-block64
     50  int4-block64-o2           the two largest values of every row kept as float16,
     51  hadamard-int5-block64-o2  the rest coded as above
     52  hadamard-int4-block64-o2
     60  ec4     rotated rows, two float16 outliers, uniform steps, static Huffman codes,
     61  ec4.5   exactly ceil(b * H / 8) body bytes per row of H values: the encoder picks the
-    62  ec5     finest step that fits (splitllm._codec_entropy). ec5 on a decode step of
+    62  ec5     finest step that fits (splitllm.codec.entropy). ec5 on a decode step of
     63  ec5.5   SmolLM2 is 388 bytes, 6.01x fewer than fp32's 2,332, header included
     64  ec6
     65  ec7
@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from splitllm._codec_base import (
+from splitllm.codec.base import (
     DEFAULT_MAX_ELEMENTS,
     FORMAT_VERSION,
     MAGIC,
@@ -67,9 +67,9 @@ from splitllm._codec_base import (
     register,
     registered,
 )
-from splitllm._codec_entropy import EntropyCodec
-from splitllm._codec_rotate import RotatedIntCodec
-from splitllm._codec_scalar import FloatCodec, IntBlockCodec
+from splitllm.codec.entropy import EntropyCodec
+from splitllm.codec.rotate import RotatedIntCodec
+from splitllm.codec.scalar import FloatCodec, IntBlockCodec
 
 __all__ = [
     "CODECS",

@@ -1,10 +1,10 @@
 """Rotation and outlier handling shared by the rotated codecs, and the rotated int-block codecs.
 
-Why rotate: SmolLM2's hidden states have a few massive channels (13x the row's RMS and more,
-FACTS.md). A block holding one gets a huge scale and crushes its 63 neighbours to a few
+Why rotate: SmolLM2's hidden states have a few massive channels (13x the row's RMS and more:
+``benchmarks/codec_frontier.py``). A block holding one gets a huge scale and crushes its 63 neighbours to a few
 levels. A random orthogonal rotation spreads every value over a whole block, so each block
-looks Gaussian and the scales fit; FACTS measured block-Hadamard + int5 at 97.9% top-1 against
-91.8% for plain int5. The rotation is orthonormal, so the mean squared error is unchanged by
+looks Gaussian and the scales fit: block-Hadamard + int5 keeps far more top-1 agreement than plain
+int5 (``benchmarks/codec_frontier.py`` prints both). The rotation is orthonormal, so the mean squared error is unchanged by
 undoing it, and it is its own inverse up to the fixed permutation and signs.
 
 The rotation of a row of C values: zero-pad to P = 64 * ceil(C / 64); permute the P positions
@@ -28,8 +28,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from splitllm._codec_base import F16_MAX
-from splitllm._codec_scalar import IntBlockCodec
+from splitllm.codec.base import F16_MAX
+from splitllm.codec.scalar import IntBlockCodec
 from splitllm.errors import CodecError, ConfigError
 
 __all__ = [
@@ -145,7 +145,7 @@ class RotatedIntCodec(IntBlockCodec):
     """``int{b}-block{n}`` on rotated rows, optionally after taking the top-k outliers out.
 
     Body: for every row its k outlier indices (uint16, or uint32 when C > 65536) then, for every
-    row, its k float16 outlier values; then the int-block body (see splitllm._codec_scalar) of
+    row, its k float16 outlier values; then the int-block body (see splitllm.codec.scalar) of
     the rotated rows (R, P) if ``rotated``, else of the rows themselves (R, C).
     """
 

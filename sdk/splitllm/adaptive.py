@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from splitllm._remote import Remote
-from splitllm.costs import PhaseSLA
 from splitllm.errors import FrameError
 from splitllm.planner import Policy, PolicyRange
-from splitllm.profile import Profile
+from splitllm.planner.costs import PhaseSLA
+from splitllm.planner.profile import Profile
+from splitllm.protocol.connection import Remote
 
 __all__ = ["UP_MARGIN", "PolicyFollower"]
 

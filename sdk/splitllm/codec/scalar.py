@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from splitllm._codec_base import F16_MAX, Codec
+from splitllm.codec.base import F16_MAX, Codec
 from splitllm.errors import CodecError, ConfigError
 
 __all__ = ["FloatCodec", "IntBlockCodec", "pack_codes", "unpack_codes"]
@@ -22,7 +22,7 @@ __all__ = ["FloatCodec", "IntBlockCodec", "pack_codes", "unpack_codes"]
 
 class FloatCodec(Codec):
     """IEEE floats as they are: fp32 is the lossless reference; fp16 halves the bytes and kept
-    every greedy token (FACTS.md), but refuses |x| > 65504 rather than sending inf."""
+    every greedy token (``benchmarks/codec_quality.py``), but refuses |x| > 65504 rather than sending inf."""
 
     def __init__(self, bits: int, codec_id: int, zstd_level: int | None = None) -> None:
         super().__init__(f"fp{bits}", codec_id, zstd_level)

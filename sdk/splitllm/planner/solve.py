@@ -3,7 +3,7 @@
 Each layer runs on the client or on the server; the input starts and the output ends on the
 client. The planner minimises the server's work subject to the client's latency SLA and, among
 equal work, picks the lower latency. The model and the exact evaluators are documented in
-``splitllm._planner_model`` and ``docs/planner.md``.
+``splitllm.planner.model`` and ``docs/planner.md``.
 
 Algorithms (all return a :class:`Plan` evaluated exactly by :func:`latency_ms`/:func:`server_work`):
 
@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from splitllm import _planner_kernel
-from splitllm._planner_ilp import ilp
-from splitllm._planner_model import (
+from splitllm.errors import ConfigError, InvalidProblem, SplitLLMError
+from splitllm.planner import kernel as _planner_kernel
+from splitllm.planner.milp import ilp
+from splitllm.planner.model import (
     CLIENT,
     SERVER,
     Layer,
@@ -40,7 +41,6 @@ from splitllm._planner_model import (
     min_latency,
     server_work,
 )
-from splitllm.errors import ConfigError, InvalidProblem, SplitLLMError
 
 __all__ = [
     "ALGORITHMS",
@@ -141,7 +141,7 @@ def dp(problem: Problem, resolution_ms: float | None = None, *, kernel: str = "a
 
     Two kernels compute the same table. With numba installed (the ``server`` extra) a compiled
     kernel keeps only each side's breakpoints, the budgets where the least work drops
-    (``splitllm._planner_kernel``): O(L * points), a handful of points per front on LLM cost
+    (``splitllm.planner.kernel``): O(L * points), a handful of points per front on LLM cost
     tables (``benchmarks/planner_speed.py`` prints them), ~10 us at L = 64. Without numba (or with ``SPLITLLM_PLANNER_KERNEL=numpy``) the numpy
     kernel fills every bin: five vector operations per layer, O(L * bins) time and bits.
     ``kernel`` picks one: ``"auto"`` (compiled if available), ``"compiled"`` (``ConfigError``

@@ -3,7 +3,7 @@
 Why: a fixed-rate code spends the same bits on every value, but after the rotation the values
 of a row are close to Gaussian, and a Gaussian quantised with step D needs only about
 h(X) - log2(D) bits per value when its codes are entropy coded: 0.5-1 bit less than int-b at
-the same error. zstd cannot find that on a 576-value decode step (FACTS.md), so the codes use
+the same error. zstd cannot find that on a 576-value decode step (too little data per frame for zstd's own framing and tables), so the codes use
 static Huffman tables built from integers. The encoder then spends *exactly* its budget: it
 picks, per row, the finest step whose codes fit in ``ceil(bits * C / 8)`` bytes. Payload sizes
 are therefore fixed by the shape, as for every other codec, and ``ec5`` on a (1, 1, 576) decode
@@ -15,7 +15,7 @@ One row of C values becomes ``row_bytes`` bytes, an MSB-first bit stream::
     3           kind: 0..3 = entropy coded with table t = kind; 4 = fixed-rate fallback
     4           EC: b, the raw low bits per value (0..15);  fallback: m - 1, bits per code
     16 | 32     EC: r, float16 (rounded up) RMS of the rotated row;  fallback: float32 max |z|
-    k * (w+16)  the k outliers (see splitllm._codec_rotate): index in w = bitlen(C - 1) bits
+    k * (w+16)  the k outliers (see splitllm.codec.rotate): index in w = bitlen(C - 1) bits
                 (at least 1), float16 value; indices increasing
     P * b       EC: the low b bits of every code q_i
     ...         EC: Huffman code of every high part h_i = q_i >> b, in order; the escape symbol
@@ -53,9 +53,9 @@ import math
 
 import numpy as np
 
-from splitllm._codec_base import F16_MAX, Codec
-from splitllm._codec_huffman import WINDOW, BitFields, binomial_table, read_field, windows
-from splitllm._codec_rotate import (
+from splitllm.codec.base import F16_MAX, Codec
+from splitllm.codec.huffman import WINDOW, BitFields, binomial_table, read_field, windows
+from splitllm.codec.rotate import (
     check_outliers,
     check_row,
     padded_width,

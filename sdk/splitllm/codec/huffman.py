@@ -1,6 +1,6 @@
 """Static canonical Huffman codes built from integer weights, and MSB-first bit-field I/O.
 
-Why a module of its own: the ``ec`` codecs (splitllm._codec_entropy) need a code that both ends
+Why a module of its own: the ``ec`` codecs (splitllm.codec.entropy) need a code that both ends
 build identically on any platform, and numpy-vectorised reading and writing of variable-length
 bit fields over many rows at once. Weights are Python integers, Huffman ties are broken by
 symbol order and codes are canonical (sorted by length, then symbol), so a table is a pure

@@ -36,8 +36,8 @@ import numpy as np
 
 from splitllm.client import SplitClient
 from splitllm.errors import ConfigError
-from splitllm.profile import Profile
-from splitllm.runtime import KVCache, Segment
+from splitllm.model.runtime import KVCache, Segment
+from splitllm.planner.profile import Profile
 
 __all__ = ["LinkCounters", "ShapedLink", "SlowDevice", "scaled_profile"]
 

@@ -25,7 +25,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,15 +34,15 @@ from aiohttp import web
 
 from splitllm import codec as codecs
 from splitllm import errors
-from splitllm._stream import common_prefix
-from splitllm.bundle import Bundle
+from splitllm.model.bundle import Bundle
+from splitllm.stream import common_prefix
 
 if TYPE_CHECKING:  # the client pulls in onnxruntime; `splitllm info` should not pay for it
     from splitllm.client import GenerationStats, SplitClient
 
-__all__ = ["add_gateway_parser", "create_gateway_app", "serve_gateway"]
+__all__ = ["build_parser", "create_gateway_app", "main", "serve_gateway"]
 
-log = logging.getLogger("splitllm.gateway")
+log = logging.getLogger("splitllm_server.gateway")
 
 DEFAULT_CODEC = "int8-block64"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -459,17 +459,19 @@ def _cmd_serve_openai(args: argparse.Namespace) -> int:
         asyncio.run(serve_gateway(args.bundle, args.server, host=args.host, port=args.port, token=token,
                                   split=args.split, codec=args.codec, model_name=args.model_name,
                                   api_key=api_key, concurrency=args.concurrency))
-    except errors.SplitLLMError:
-        raise  # the splitllm CLI prints these
+    except errors.SplitLLMError as exc:
+        print(f"splitllm-gateway: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"splitllm serve-openai: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"splitllm-gateway: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def add_gateway_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``splitllm serve-openai`` on the ``splitllm`` CLI's subparsers."""
-    p = subparsers.add_parser("serve-openai", help="serve an OpenAI-compatible API in front of a split server")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``splitllm-gateway`` command line."""
+    p = argparse.ArgumentParser(prog="splitllm-gateway",
+                                description="Serve an OpenAI-compatible API in front of a split server.")
     p.add_argument("--bundle", required=True, help="bundle directory (the same one the server loaded)")
     p.add_argument("--server", required=True, help="split server URL, e.g. http://127.0.0.1:8765")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -482,4 +484,18 @@ def add_gateway_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="model id reported to callers (default: the bundle's)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests served at once, one SplitClient (server session, KV cache) each (default 1)")
-    p.set_defaults(func=_cmd_serve_openai)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``splitllm-gateway``: exit code 0 on a clean stop, 1 on a configuration or listen error."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _cmd_serve_openai(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from splitllm.bundle import DEFAULT_VARIANT
 from splitllm.errors import ConfigError, RuntimeFailure
+from splitllm.model.bundle import DEFAULT_VARIANT
 
 if TYPE_CHECKING:
-    from splitllm.bundle import Bundle, ModelShapes
+    from splitllm.model.bundle import Bundle, ModelShapes
 
 __all__ = ["KVCache", "RuntimeOptions", "Segment", "causal_mask", "make_session"]
 
@@ -39,7 +39,7 @@ class RuntimeOptions:
 
     ``intra_op_threads=0`` lets ORT pick (one per core). ``allow_spinning`` keeps idle pool
     threads spinning for lower latency; turn it off when several sessions share few cores
-    (see FACTS: many spinning pools on 2 cores starve each other). ``profile_prefix`` turns on
+    (several sessions spinning their pools on 2 cores starve each other). ``profile_prefix`` turns on
     ORT's profiler, writing ``<prefix>_<date>.json`` when ``session.end_profiling()`` is called.
     """
 

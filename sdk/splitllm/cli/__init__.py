@@ -8,9 +8,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from splitllm.bundle import Bundle
 from splitllm.errors import SplitLLMError
-from splitllm.gateway import add_gateway_parser
+from splitllm.model.bundle import Bundle
 
 
 def _size(num_bytes: float) -> str:
@@ -110,7 +109,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from splitllm.chat_ui import run_chat
+    from splitllm.cli.chat_ui import run_chat
 
     return asyncio.run(run_chat(_make_client(args), _sampling(args), once=args.once))
 
@@ -118,7 +117,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from splitllm.profile import load_or_measure
+    from splitllm.planner.profile import load_or_measure
 
     bundle = Bundle.open(args.bundle, verify=False)
     with tqdm(total=bundle.num_units, desc="profile units", unit="unit", disable=args.json) as bar:
@@ -134,6 +133,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             print(f"{name:<10} {pre:>11.3f} {dec:>10.3f}")
         print(f"{'total':<10} {sum(profile.prefill_ms):>11.3f} {sum(profile.decode_ms):>10.3f}")
     return 0
+
+
+def _cmd_gateway_moved(args: argparse.Namespace) -> int:
+    print("splitllm serve-openai: the OpenAI gateway is a server-side process now: run `splitllm-gateway` "
+          "(same options; install it with `pip install 'splitllm[server]'`)", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
     prof.add_argument("--json", action="store_true")
     prof.set_defaults(func=_cmd_profile)
-    add_gateway_parser(sub)
+    moved = sub.add_parser("serve-openai", help="moved: the OpenAI gateway is now `splitllm-gateway`")
+    moved.add_argument("rest", nargs=argparse.REMAINDER)
+    moved.set_defaults(func=_cmd_gateway_moved)
     return parser
 
 

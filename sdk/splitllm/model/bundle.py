@@ -3,7 +3,7 @@
 Units are numbered in execution order: unit 0 is the embedding block, units 1..L the decoder
 layers, unit L+1 the head. A *range* [start, end) of units is what one side runs; the prefix
 of split k is units [0, k+1) and the suffix is [k+1, L+2). Any range composes into one fused
-ONNX Runtime session (see ``splitllm._graphs``).
+ONNX Runtime session (see ``splitllm.model.graphs``).
 
 A bundle may also carry device weight *variants* (``manifest["variants"]``, docs/bundle.md):
 the same blocks with fp16, 8-bit or 4-bit weights in their own files. The fp32 blocks are what
@@ -21,8 +21,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from splitllm._graphs import compose
 from splitllm.errors import BundleCorrupt, BundleNotFound, BundleVersionError, ConfigError
+from splitllm.model.graphs import compose
 
 MANIFEST = "manifest.json"
 FORMAT = "splitllm-bundle"
@@ -169,8 +169,8 @@ class Bundle:
         return variant
 
     @cached_property
-    def text(self):  # noqa: ANN201 - splitllm.text.TextCodec, imported lazily
-        from splitllm.text import TextCodec
+    def text(self):  # noqa: ANN201 - splitllm.model.text.TextCodec, imported lazily
+        from splitllm.model.text import TextCodec
 
         meta = self.manifest.get("tokenizer")
         if not isinstance(meta, dict):
@@ -230,8 +230,8 @@ class Bundle:
 
     def session(self, start: int, end: int, *, last_logits_only: bool = False, options=None,  # noqa: ANN001, ANN201
                 variant: str = DEFAULT_VARIANT):
-        """An ``onnxruntime.InferenceSession`` for units [start, end). See splitllm.runtime."""
-        from splitllm.runtime import make_session
+        """An ``onnxruntime.InferenceSession`` for units [start, end). See splitllm.model.runtime."""
+        from splitllm.model.runtime import make_session
 
         return make_session(self, start, end, last_logits_only=last_logits_only, options=options, variant=variant)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from splitllm.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.errors import ConfigError
-from splitllm.runtime import KVCache, RuntimeOptions, Segment
+from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 __all__ = ["Profile", "default_cache_dir", "load_or_measure", "measure"]
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from splitllm._planner_model import CLIENT, SERVER, Plan, Problem, better_plan, min_latency
 from splitllm.errors import PlannerError
+from splitllm.planner.model import CLIENT, SERVER, Plan, Problem, better_plan, min_latency
 
 
 def ilp(problem: Problem) -> Plan:
