@@ -151,7 +151,7 @@ async def fresh_start(client: Any) -> None:
         if client.remote is not None and not client.remote.connected:
             await client.connect()
         try:
-            await client._rewind(0)  # noqa: SLF001 - no public reset yet
+            await client.reset()
             return
         except ServerUnavailable:
             if attempt:

@@ -158,7 +158,7 @@ def _ours(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
     loop.run_until_complete(client.connect())
 
     async def one(n: int) -> tuple[list[int], float, float]:
-        await client._rewind(0)  # noqa: SLF001 - start every run from an empty cache on both sides
+        await client.reset()  # start every run from an empty cache on both sides
         started = time.perf_counter()
         first = 0.0
         async for _piece in client.generate_ids(prompt_ids, max_new_tokens=n, ignore_eos=True):

@@ -66,7 +66,7 @@ async def run(args: argparse.Namespace) -> dict:
                             remote.request_many = send
                             client.set_placement(Placement.for_split(split, bundle.num_units))
                             started = time.perf_counter()
-                            await client._apply_pending()
+                            await client.apply_placement()
                             times[mode].append(time.perf_counter() - started)
                 remote.request_many = pipelined
                 # The KV that moved back and forth must still be exact: the same prompt again (its

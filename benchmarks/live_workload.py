@@ -252,7 +252,7 @@ async def run_client(spec: ClientSpec, policy: str, args: argparse.Namespace, po
                           rtt_ms=spec.rtt_ms) as link:
         client = BenchClient(args.bundle, link.url, split=0, codec=args.codec, threads=CLIENT_THREADS,
                              device_factor=spec.device_factor, base_profile=base, algorithm=policy)
-        client.max_segments = 3  # prefill + up to two decode runs; six clients' weights must fit in memory
+        client.device.max_segments = 3  # prefill + up to two decode runs; six clients' weights must fit in memory
         # Plan for the prefill the measured replies run: the chat template's system prefix is cached
         # from the reply before, so only the rest is new (the SDK asks for a new policy whenever a
         # prefill is not within 0.5-2x the planned length).

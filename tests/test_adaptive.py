@@ -115,8 +115,7 @@ async def test_the_placement_follows_the_measured_bandwidth(tiny_export, start_s
         placements = {}
         for bps in (1e9, 2e3 * 8):  # a fast link, then one so slow that sending hidden states costs too much
             client.remote.stats.uplink_bps_ewma = bps
-            await client._adapt("decode", 1)
-            await client._apply_pending()
+            await client.adapt("decode", 1)
             placements[bps] = client.placement.sides
         assert placements[1e9] != placements[2e3 * 8]
         assert all(side == "client" for side in placements[2e3 * 8])
@@ -260,8 +259,7 @@ async def test_the_placement_moves_up_a_range_only_past_a_margin_and_down_at_onc
 
         async def placement_at(bps: float) -> tuple[str, ...]:
             client.remote.stats.uplink_bps_ewma = bps
-            await client._adapt("decode", 1)
-            await client._apply_pending()
+            await client.adapt("decode", 1)
             return client.placement.sides
 
         assert await placement_at(low.lo_bps) == low.plan.placement

@@ -233,8 +233,9 @@ def test_sdk_import_and_bundle_open_do_not_load_torch(tiny_export):
     code = (
         "import sys, splitllm\n"
         "from splitllm.model.bundle import Bundle\n"
+        "from splitllm.model.runtime import make_session\n"
         f"b = Bundle.open({str(path)!r})\n"
-        "s = b.session(0, b.num_units)\n"
+        "s = make_session(b, 0, b.num_units)\n"
         "b.text.encode('hello')\n"
         "bad = [m for m in ('torch', 'transformers', 'onnx', 'optimum') if m in sys.modules]\n"
         "print('heavy:', bad)\n"

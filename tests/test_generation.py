@@ -179,7 +179,7 @@ async def test_clients_at_one_split_share_their_device_session_and_still_get_the
             await client.connect()
         results = await asyncio.gather(*(_generate(c, p, n=12) for c, p in zip(clients, prompts, strict=True)))
         assert results == refs
-        segments = [seg for c in clients for seg in c._segments.values()]
+        segments = [seg for c in clients for seg in c.device._segments.values()]
         assert len(segments) == 4 and len({id(seg.session) for seg in segments}) == 1
         assert len({id(seg) for seg in segments}) == 4  # one Segment (one IOBinding) per client
     finally:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 
-from splitllm.errors import FrameError
 from splitllm.planner import Policy, PolicyRange
 from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile
 from splitllm.protocol.connection import Remote
+from splitllm.protocol.plan import DEFAULT_UPLINK_BPS, PlanRequest
 
 __all__ = ["UP_MARGIN", "PolicyFollower"]
 
-_DEFAULT_UPLINK_BPS = 100e6  # before anything was measured
 _MIN_PLANNED_PROMPT = 16  # prompts shorter than this do not get a prefill plan of their own
 UP_MARGIN = 0.10  # move up to a higher-bandwidth range only 10% past its lower edge
 
@@ -42,19 +41,13 @@ class PolicyFollower:
 
     async def refresh(self, remote: Remote, codec: str, prompt_tokens: int) -> None:
         link = remote.stats
-        uplink = link.uplink_bps_ewma or _DEFAULT_UPLINK_BPS
-        body = {
-            "client_profile": self.profile.to_dict(),
-            "sla": {"ttft_ms": self.sla.ttft_ms, "token_ms": self.sla.token_ms},
-            "codec": codec, "prompt_tokens": max(1, prompt_tokens),
-            "uplink_bps": uplink, "downlink_bps": uplink, "rtt_ms": link.rtt_floor_ms,
-        }
-        data = await remote.post_json("/v1/plan", body)
-        try:
-            self.policies = {phase: Policy.from_dict(data["policy"][phase]) for phase in ("prefill", "decode")}
-            self._valid_s = float(data.get("valid_s", 30.0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FrameError(f"the server's plan answer is malformed: {exc!r}") from exc
+        uplink = link.uplink_bps_ewma or DEFAULT_UPLINK_BPS
+        answer = await remote.plan(PlanRequest(
+            client_profile=self.profile, sla=self.sla, prompt_tokens=max(1, prompt_tokens), codec=codec,
+            uplink_bps=uplink, downlink_bps=uplink, rtt_ms=link.rtt_floor_ms,
+        ))
+        self.policies = answer.policies
+        self._valid_s = answer.valid_s
         self._fetched_at = time.monotonic()
         self._prompt_tokens = max(1, prompt_tokens)
         self._in_use.clear()
@@ -67,7 +60,7 @@ class PolicyFollower:
         if stale:
             # Decode frames are too small to measure the uplink from: probe before re-planning.
             await remote.probe()
-        uplink = remote.stats.uplink_bps_ewma or _DEFAULT_UPLINK_BPS
+        uplink = remote.stats.uplink_bps_ewma or DEFAULT_UPLINK_BPS
         # A short prefill (a chat turn's few new tokens) costs little whatever the plan: it
         # neither triggers a re-plan nor becomes the length the next plan is made for.
         resized = (phase == "prefill" and tokens >= _MIN_PLANNED_PROMPT

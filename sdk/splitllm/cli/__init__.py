@@ -167,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--json", action="store_true")
     prof.set_defaults(func=_cmd_profile)
     moved = sub.add_parser("serve-openai", help="moved: the OpenAI gateway is now `splitllm-gateway`")
-    moved.add_argument("rest", nargs=argparse.REMAINDER)
     moved.set_defaults(func=_cmd_gateway_moved)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve-openai"]:  # whatever options follow: the command moved
+        return _cmd_gateway_moved(argparse.Namespace())
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -1,4 +1,4 @@
-"""Activation codecs: a float hidden-state tensor (B, T, H) <-> self-describing bytes.
+"""The codec registry and the payload layout: a hidden-state tensor (B, T, H) <-> self-describing bytes.
 
 Why: every decode step ships one hidden-state tensor across the network, and the codec decides
 how many bytes that is (int8 with one fp16 scale per 64 values keeps greedy tokens at 3.9x

@@ -228,12 +228,5 @@ class Bundle:
         names = self.block_names(start, end, last_logits_only=last_logits_only)
         return compose([self._block_bytes(n, variant) for n in names], name=f"units_{start}_{end}")
 
-    def session(self, start: int, end: int, *, last_logits_only: bool = False, options=None,  # noqa: ANN001, ANN201
-                variant: str = DEFAULT_VARIANT):
-        """An ``onnxruntime.InferenceSession`` for units [start, end). See splitllm.model.runtime."""
-        from splitllm.model.runtime import make_session
-
-        return make_session(self, start, end, last_logits_only=last_logits_only, options=options, variant=variant)
-
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model={self.model_id!r}, layers={self.num_layers})"

@@ -1,4 +1,4 @@
-"""Where each layer runs: the SplitLLM placement planner (Mudvari, Jiang, Tassiulas, arXiv 2410.10759).
+"""The planner's algorithms (SplitLLM, Mudvari, Jiang, Tassiulas, arXiv 2410.10759): DP, baselines, policies.
 
 Each layer runs on the client or on the server; the input starts and the output ends on the
 client. The planner minimises the server's work subject to the client's latency SLA and, among

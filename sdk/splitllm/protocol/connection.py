@@ -15,14 +15,19 @@ import asyncio
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import numpy as np
 
+from splitllm import codec as codecs
 from splitllm.errors import AuthError, FrameError, ServerUnavailable, SplitLLMError, error_from_code
+from splitllm.model.sampling import SamplingParams
 from splitllm.protocol import wire
+from splitllm.protocol.payload import encode_run_input
+from splitllm.protocol.plan import PlanRequest, PlanResponse
 
 
 @dataclass
@@ -267,6 +272,49 @@ class Remote:
             return []
         async with self._lock:
             return await self._exchange_many(msgs)
+
+    # ------------------------------------------------------------------ typed requests
+
+    async def run(self, start: int, end: int, past_len: int, x: np.ndarray, want: str, params: SamplingParams,
+                  codec: str) -> wire.Result:
+        """Run units [start, end) of this session on the server over ``x`` (ids (1, T) from unit 0,
+        else hidden (1, T, H)) after ``past_len`` cached positions; ``want`` "token", "hidden" or
+        "logits" (the last two come back encoded with ``codec``)."""
+        n_tokens = int(x.shape[1])
+        msg = wire.Run(seq=self.next_seq(), start=start, end=end, past_len=past_len, n_tokens=n_tokens,
+                       payload=encode_run_input(x, start, codec), want=want, temperature=params.temperature,
+                       top_p=params.top_p, top_k=params.top_k, seed=params.seed, codec=codec)
+        reply = await self.request(msg)
+        if not isinstance(reply, wire.Result):
+            raise FrameError(f"expected a Result, got {type(reply).__name__}")
+        return reply
+
+    async def truncate(self, length: int, start: int, end: int) -> None:
+        """Keep the first ``length`` positions of the server's KV for units [start, end)."""
+        await self.request(wire.Truncate(seq=self.next_seq(), start=start, end=end, length=length))
+
+    async def move_kv(self, up: Mapping[int, tuple[np.ndarray, np.ndarray]], down: Sequence[int],
+                      length: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Hand the server the KV of the layers in ``up`` and take back those in ``down`` (each
+        holding ``length`` positions), exact (fp32), in one pipelined round trip. Returns the
+        (key, value) of every unit in ``down``; the server forgets them."""
+        requests: list[wire.Message] = [
+            wire.KVPut(seq=self.next_seq(), unit=unit, length=length, key=codecs.encode(key, "fp32"),
+                       value=codecs.encode(value, "fp32"))
+            for unit, (key, value) in up.items()
+        ]
+        requests += [wire.KVGet(seq=self.next_seq(), unit=unit) for unit in down]
+        replies = await self.request_many(requests)
+        received: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for unit, reply in zip(down, replies[len(up):], strict=True):
+            if not isinstance(reply, wire.KVData) or reply.length != length or reply.unit != unit:
+                raise FrameError(f"expected the KV of unit {unit} with {length} positions, got {reply!r:.80}")
+            received[unit] = (codecs.decode(reply.key), codecs.decode(reply.value))
+        return received
+
+    async def plan(self, request: PlanRequest) -> PlanResponse:
+        """Ask the server for placement policies (``POST /v1/plan``)."""
+        return PlanResponse.from_json(await self.post_json("/v1/plan", request.to_json()))
 
     async def probe(self, pad_bytes: int = 32768) -> tuple[float, float]:
         """Measure (rtt_ms, uplink_bps) with an empty Ping and a padded one."""

@@ -17,7 +17,7 @@ when the delay line is full (twice the bandwidth-delay product, at least 256 KiB
 receiver stops reading, the proxy stops reading from the sender and TCP pushes back on it.
 
 :class:`SlowDevice` is the device-side counterpart: a :class:`~splitllm.client.SplitClient`
-whose local runs last as long as on a device ``device_factor`` times slower than this machine
+(on a :class:`SlowLocalDevice`) whose local runs last as long as on a device ``device_factor`` times slower than this machine
 (the extra time is slept, so the emulation costs no CPU), and :func:`scaled_profile` is the
 profile to plan with for it.
 """
@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from splitllm.client import SplitClient
+from splitllm.device import LocalDevice
 from splitllm.errors import ConfigError
-from splitllm.model.runtime import KVCache, Segment
+from splitllm.model.runtime import KVCache
 from splitllm.planner.profile import Profile
 
-__all__ = ["LinkCounters", "ShapedLink", "SlowDevice", "scaled_profile"]
+__all__ = ["LinkCounters", "ShapedLink", "SlowDevice", "SlowLocalDevice", "scaled_profile"]
 
 _MAX_WAIT_S = 0.05  # pacing sleeps are cut into slices this long, so set() acts on a waiting chunk
 _CHUNK_S = 0.005  # read chunks of about this much traffic at the set rate
@@ -349,29 +350,41 @@ def scaled_profile(profile: Profile, factor: float) -> Profile:
                    tuple(ms * factor for ms in profile.prefill_ms), tuple(ms * factor for ms in profile.decode_ms))
 
 
-class _SlowSegment:
-    """A local segment whose runs last as long as they would on the emulated device."""
+def _check_factor(device_factor: float) -> None:
+    if not device_factor >= 1.0:
+        raise ConfigError(f"device_factor must be >= 1 (1 = this machine), got {device_factor!r}")
 
-    def __init__(self, segment: Segment, device: SlowDevice, start: int, end: int) -> None:
-        self.segment = segment
-        self.device = device
-        self.start = start
-        self.end = end
 
-    def run(self, x: np.ndarray, cache: KVCache, past: int) -> np.ndarray:
+class SlowLocalDevice(LocalDevice):
+    """A :class:`~splitllm.device.LocalDevice` whose runs last as long as on a device
+    ``device_factor`` times slower than this machine (see :class:`SlowDevice`)."""
+
+    def __init__(self, *args: Any, device_factor: float = 1.0, base_profile: Profile | None = None,
+                 **kwargs: Any) -> None:
+        _check_factor(device_factor)
+        super().__init__(*args, **kwargs)
+        if base_profile is not None and len(base_profile.decode_ms) != self.bundle.num_units:
+            raise ConfigError(f"base_profile covers {len(base_profile.decode_ms)} units; the bundle has "
+                              f"{self.bundle.num_units}")
+        self.device_factor = float(device_factor)
+        self.base_profile = base_profile
+        self.slept_s = 0.0  # extra device time emulated so far
+
+    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int) -> np.ndarray:
         started = time.perf_counter()
-        out = self.segment.run(x, cache, past)
+        out = super().run_sync(start, end, x, cache, past_len)
+        if self.device_factor == 1.0 and self.base_profile is None:
+            return out
         took_s = time.perf_counter() - started
-        device, profile = self.device, self.device.base_profile
-        if profile is None:
-            target_s = device.device_factor * took_s
+        if self.base_profile is None:
+            target_s = self.device_factor * took_s
         else:
             tokens = x.shape[1]
-            per_unit = profile.decode_ms if tokens == 1 else profile.scaled_prefill_ms(tokens)
-            target_s = device.device_factor * sum(per_unit[self.start:self.end]) / 1e3
+            per_unit = self.base_profile.decode_ms if tokens == 1 else self.base_profile.scaled_prefill_ms(tokens)
+            target_s = self.device_factor * sum(per_unit[start:end]) / 1e3
         extra_s = max(target_s - took_s, 0.0)
-        time.sleep(extra_s)  # on the client's device thread: the event loop keeps running
-        device.slept_s += extra_s
+        time.sleep(extra_s)  # on the device's worker thread: the event loop keeps running
+        self.slept_s += extra_s
         return out
 
 
@@ -388,18 +401,22 @@ class SlowDevice(SplitClient):
 
     def __init__(self, *args: Any, device_factor: float = 1.0, base_profile: Profile | None = None,
                  **kwargs: Any) -> None:
-        if not device_factor >= 1.0:
-            raise ConfigError(f"device_factor must be >= 1 (1 = this machine), got {device_factor!r}")
+        _check_factor(device_factor)  # before the bundle is opened
         super().__init__(*args, **kwargs)
-        if base_profile is not None and len(base_profile.decode_ms) != self.bundle.num_units:
-            raise ConfigError(f"base_profile covers {len(base_profile.decode_ms)} units; the bundle has "
-                              f"{self.bundle.num_units}")
-        self.device_factor = float(device_factor)
-        self.base_profile = base_profile
-        self.slept_s = 0.0  # extra device time emulated so far
+        # The same device with the same runtime options, slowed down (built before any segment loads).
+        self.slow_device = SlowLocalDevice(self.bundle, self.options, self.weights, device_factor=device_factor,
+                                           base_profile=base_profile)
+        self.conversation.device.close()
+        self.conversation.device = self.slow_device
 
-    def _segment(self, start: int, end: int, last_only: bool) -> Segment:
-        seg = super()._segment(start, end, last_only)
-        if self.device_factor == 1.0 and self.base_profile is None:
-            return seg
-        return _SlowSegment(seg, self, start, end)  # type: ignore[return-value]
+    @property
+    def device_factor(self) -> float:
+        return self.slow_device.device_factor
+
+    @property
+    def base_profile(self) -> Profile | None:
+        return self.slow_device.base_profile
+
+    @property
+    def slept_s(self) -> float:
+        return self.slow_device.slept_s
