@@ -59,13 +59,12 @@ def test_server_ranges_share_their_aligned_pieces(tiny_export):
     try:
         assert engine.pieces(1, 6) == [(1, 2), (2, 4), (4, 6)]
         assert engine.pieces(2, 4) == [(2, 4)] and engine.pieces(3, 4) == [(3, 4)]
-        first, second = engine.segments(1, 6, True), engine.segments(3, 6, True)
+        first, second = engine.segments(1, 6), engine.segments(3, 6)
         assert [(s.start, s.end) for s in second] == [(3, 4), (4, 6)]
         assert second[1] is first[2]  # one session (one copy of the weights) for units 4-5
-        assert engine.segments(1, 6, False)[1] is first[1]  # only the head's piece differs
-        assert engine.max_pieces == 4
-        engine.segments(0, 2, False)  # a fifth and sixth piece evict the least recently used
-        assert len(engine._segments) == 4
+        assert engine.pieces_cache.max_pieces == 4
+        engine.segments(0, 2)  # a fifth piece evicts the least recently used
+        assert len(engine.pieces_cache) == 4
         assert Engine(bundle, cache_size=1, options=RuntimeOptions(), chunk_units=0).pieces(1, 6) == [(1, 6)]
         with pytest.raises(ConfigError, match="chunk_units must be >= 0"):
             Engine(bundle, cache_size=1, options=RuntimeOptions(), chunk_units=-1)

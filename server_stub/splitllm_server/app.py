@@ -17,9 +17,8 @@ from splitllm_server.engine import Engine
 from splitllm_server.handler import Connection
 from splitllm_server.planning import plan_route
 from splitllm_server.sessions import SessionStore
-from splitllm_server.state import ServerState
+from splitllm_server.state import STATE, ServerState
 
-STATE = web.AppKey("splitllm_state", ServerState)
 CONNECTIONS = web.AppKey("splitllm_connections", set)
 
 
@@ -83,7 +82,7 @@ async def _warm(engine: Engine, bundle: Bundle, splits: tuple[int, ...]) -> None
     for split in splits:
         if 0 <= split <= bundle.num_layers:
             start, end = bundle.split_range(split, "server")
-            await engine.warm_up(start, end, True)
+            await engine.warm_up(start, end)
     # Then the planner's compiled kernel, so the first /v1/plan does not wait for numba.
     await asyncio.get_running_loop().run_in_executor(None, planner.load_kernel)
 
@@ -113,8 +112,12 @@ def create_app(config: ServerConfig) -> web.Application:
         bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
         options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
         engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights,
-                        chunk_units=config.chunk_units)
-        app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
+                        chunk_units=config.chunk_units, max_batch=config.max_batch,
+                        batch_window_ms=config.batch_window_ms, prefill_chunk=config.prefill_chunk,
+                        max_sessions=config.max_sessions, max_context=config.max_context)
+        sessions = SessionStore(config.max_sessions, config.idle_ttl_s,
+                                on_close=lambda session: engine.close_session(session.slot))
+        app[STATE] = ServerState(config, bundle, engine, sessions)
         reaper = asyncio.create_task(_reap_idle(app))
         # Load the suffix of the split clients use by default before the first one asks, so
         # its first token does not wait for a session to be built.

@@ -17,7 +17,13 @@ from aiohttp import web
 from splitllm.errors import ConfigError, SplitLLMError
 from splitllm.model.bundle import DEFAULT_VARIANT
 from splitllm_server.app import create_app
-from splitllm_server.config import DEFAULT_CHUNK_UNITS, ServerConfig
+from splitllm_server.config import (
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_CHUNK_UNITS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_PREFILL_CHUNK,
+    ServerConfig,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-units", type=int, default=DEFAULT_CHUNK_UNITS,
                    help="cut ranges at multiples of this many units so splits share sessions and weights "
                         "(0: one session per range)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"decode steps of different sessions run together per piece, up to this many "
+                        f"(1: one at a time; default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
+                   help=f"how long a step may wait for other sessions' steps to join its batch "
+                        f"(default {DEFAULT_BATCH_WINDOW_MS:g})")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompts run in chunks of at most this many positions, between decode batches "
+                        f"(default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
     p.add_argument("--weights", default=DEFAULT_VARIANT,
                    help="weights to run: fp32 (exact, default) or a variant the bundle has (fp16, int8, int4)")
@@ -58,7 +73,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         bundle=Path(args.bundle), host=args.host, port=args.port, token=token,
         max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes, max_context=args.max_context,
-        idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, chunk_units=args.chunk_units, intra_op_threads=args.threads,
+        idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, chunk_units=args.chunk_units,
+        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, prefill_chunk=args.prefill_chunk, intra_op_threads=args.threads,
         allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify, weights=args.weights,
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
         certfile=Path(args.certfile) if args.certfile else None,

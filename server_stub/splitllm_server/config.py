@@ -9,6 +9,9 @@ from splitllm.errors import ConfigError
 from splitllm.model.bundle import DEFAULT_VARIANT
 
 DEFAULT_CHUNK_UNITS = 8  # SmolLM2's 32 units: four shared pieces
+DEFAULT_MAX_BATCH = 64
+DEFAULT_BATCH_WINDOW_MS = 2.0
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,10 @@ class ServerConfig:
     ``segment_cache``: how many ranges' sessions stay loaded (each session holds its layers' weights).
     ``chunk_units``: ranges are cut at multiples of this many units, so clients at different
     splits share the sessions (and weights) of their common tail; 0 = one session per range.
+    ``max_batch``: decode steps of different sessions run as one batch per piece, up to this many
+    rows (1: one session's step at a time). ``batch_window_ms``: how long a step may wait for other
+    sessions' steps to join its batch. ``prefill_chunk``: a prompt runs in chunks of at most this
+    many positions, interleaved with the decode batches.
     ``intra_op_threads``: ORT threads for the server's segments (0 = one per core).
     ``weights``: which of the bundle's weights the server runs: "fp32" (the exact blocks, the
     default) or a device variant the bundle carries ("fp16", "int8", "int4"), which trades the
@@ -47,6 +54,9 @@ class ServerConfig:
     keyfile: Path | None = None
     segment_cache: int = 4
     chunk_units: int = DEFAULT_CHUNK_UNITS
+    max_batch: int = DEFAULT_MAX_BATCH
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     intra_op_threads: int = 0
     allow_spinning: bool = True
     verify_bundle: bool = True
@@ -63,13 +73,15 @@ class ServerConfig:
             raise ConfigError(f"max_steps_per_s must be > 0, got {self.max_steps_per_s}")
         if not self.heartbeat_s > 0:
             raise ConfigError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
-        for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens"):
+        for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens", "max_batch", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.chunk_units < 0:
             raise ConfigError(f"chunk_units must be >= 0, got {self.chunk_units}")
         if self.max_frame_bytes < 4096:
             raise ConfigError(f"max_frame_bytes must be >= 4096, got {self.max_frame_bytes}")
+        if not self.batch_window_ms >= 0:
+            raise ConfigError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.idle_ttl_s <= 0:
             raise ConfigError(f"idle_ttl_s must be > 0, got {self.idle_ttl_s}")
         if self.token is not None and not self.token:

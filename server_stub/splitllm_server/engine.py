@@ -1,33 +1,75 @@
-"""The server's math: composed range sessions, run off the event loop, one at a time.
+"""The server's math: continuous batching of every session's steps, per piece, off the event loop.
 
-ONNX Runtime already uses every core inside one run, so runs are serialised through a single
-worker thread; the event loop stays free for other connections while a run computes.
+One scheduler thread owns the ORT sessions and the KV pools. The handler submits a whole Run
+(payload bytes and all) and gets back the Result to send; everything between, decoding the
+payload, the ORT runs, sampling and encoding, happens here. Other requests that touch a
+session's KV (Truncate, KVPut, KVGet) run on the same thread between pieces, so a cache is never
+read and written at once.
 
-Ranges are built from aligned pieces. Every ORT session prepacks its own copy of its MatMul
-weights, so four clients at four different splits used to cost four copies of the model's tail
-(SmolLM2 suffixes from units 21, 11, 6 and 1: +1.6 GB). A range ``[start, end)`` is therefore cut
-at multiples of ``chunk_units`` and run as that chain of sessions, which clients at other splits
-share: only the unaligned first piece is specific to a split. Chaining costs one ORT run per
-piece, a few percent of a step at most (``benchmarks/server_memory.py``: 0.43x the memory at
-0.96-1.16x the step time); ``chunk_units=0`` keeps one session per range. Pieces live in an
-LRU keyed by (start, end, last_logits_only).
+Scheduling (``docs/architecture.md`` has the picture and the reasons):
+
+- A Run becomes a *job* that walks the server pieces of its range (``pieces.cut``). Decode jobs
+  (one position) that wait at the same piece run as one batch over their KV pool rows, up to
+  ``max_batch`` rows; the piece that comes first in the model always runs first, so jobs that
+  entered at different splits meet at the shared tail pieces and run them together.
+- Sessions join and leave between pieces: a new job enters at its first piece in the next
+  sweep, a finished one answers at once.
+- A prompt (more than one position) runs in chunks, one chunk-piece at a time, interleaved with
+  the decode batches. While decode steps wait, a chunk is sized from the measured costs so that
+  one of its pieces takes about half as long as a piece of the decode batch: a long prompt
+  stretches the others' steps by about 1.5x; alone, it runs in chunks of ``prefill_chunk``.
+- Before a batch smaller than the live sessions, the scheduler waits up to ``batch_window_ms``
+  for the others' steps to arrive.
+- A job that fails (bad input, ORT error) fails alone: its future gets the error, its rows'
+  lengths are left as they were, and the batch it was in is retried without it.
+
+``max_batch=1`` runs one session's step at a time (the pre-batching engine, kept for comparison).
+Bundles whose layers are exported graphs (no fused attention) cannot batch across sessions and
+always run one at a time, with a per-session cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from splitllm.errors import ConfigError
+from splitllm import codec as codecs
+from splitllm.errors import ConfigError, ContextTooLong, SessionStateError, SplitLLMError, TooManySessions
 from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
-from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
-from splitllm_server.config import DEFAULT_CHUNK_UNITS
+from splitllm.model.runtime import KVCache, RuntimeOptions
+from splitllm.model.sampling import SamplingParams, sample
+from splitllm.protocol import wire
+from splitllm.protocol.payload import decode_run_input
+from splitllm_server.config import (
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_CHUNK_UNITS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_PREFILL_CHUNK,
+)
+from splitllm_server.kvpool import KVPool, PooledKV
+from splitllm_server.pieces import BatchRow, Piece, PieceCache, cut
+
+__all__ = ["Engine", "RunTiming"]
+
+log = logging.getLogger("splitllm.server.engine")
+
+_MIN_CHUNK = 8  # positions: below this a chunk costs more in per-run overhead than it saves
+_PROMPT_SHARE = 0.5  # a prompt's chunk-piece may take this fraction of a decode batch's piece
+_EWMA = 0.2
+_IDLE_GAP_ROWS = 8  # a span is cut where more idle rows than this lie between two real ones
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _EWMA) * old + _EWMA * new
 
 
 @dataclass(frozen=True)
@@ -36,80 +78,165 @@ class RunTiming:
     compute_ms: float
 
 
+@dataclass
+class _Job:
+    """One Run on its way through the server pieces of its range."""
+
+    slot: int
+    kv: Any  # PooledKV or KVCache
+    msg: wire.Run
+    x: np.ndarray  # the whole input: (T,) ids or (T, H) hidden
+    pieces: list[tuple[int, int]]
+    future: Future[tuple[wire.Result, RunTiming]]
+    enqueued: float
+    done_upto: int = 0  # positions of the input that went through every piece
+    chunk_end: int = 0  # positions [done_upto, chunk_end) are the chunk under way
+    piece: int = 0  # index of the chunk's next piece
+    hidden: np.ndarray | None = None  # the chunk's current activations
+    outputs: list[np.ndarray] = field(default_factory=list)  # finished chunks (want != token)
+    started: float | None = None
+    compute_s: float = 0.0
+
+    @property
+    def chunk_len(self) -> int:
+        return self.chunk_end - self.done_upto
+
+    @property
+    def next_piece(self) -> tuple[int, int]:
+        return self.pieces[self.piece]
+
+
 class Engine:
+    """Runs every session's steps; one instance per server process.
+
+    ``max_sessions`` and ``max_context`` size the KV pools (memory bound in ``kvpool``).
+    """
+
     def __init__(self, bundle: Bundle, *, cache_size: int, options: RuntimeOptions, variant: str = DEFAULT_VARIANT,
-                 chunk_units: int = DEFAULT_CHUNK_UNITS) -> None:
+                 chunk_units: int = DEFAULT_CHUNK_UNITS, max_batch: int = DEFAULT_MAX_BATCH,
+                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 max_sessions: int = 256, max_context: int | None = None) -> None:
         if chunk_units < 0:
             raise ConfigError(f"chunk_units must be >= 0, got {chunk_units}")
+        if max_batch < 1 or prefill_chunk < 1 or not batch_window_ms >= 0:
+            raise ConfigError(f"max_batch and prefill_chunk must be >= 1 and batch_window_ms >= 0, got "
+                              f"{max_batch}, {prefill_chunk}, {batch_window_ms}")
         self.bundle = bundle
         self.variant = bundle.check_variant(variant)
         self.options = options
         self.chunk_units = chunk_units
         self.cache_size = cache_size
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_ms / 1e3
+        self.prefill_chunk = prefill_chunk
+        self.max_context = max_context or bundle.shapes.max_context
         # cache_size ranges' worth of pieces: a range has at most ceil(units / chunk) + 1 of them.
         per_range = 1 if chunk_units == 0 else -(-bundle.num_units // chunk_units) + 1
-        self.max_pieces = cache_size * per_range
-        self._segments: OrderedDict[tuple[int, int, bool], Segment] = OrderedDict()
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitllm-ort")
+        self.pieces_cache = PieceCache(bundle, options, self.variant, cache_size * per_range)
+        # Fused layers batch over pool rows; exported layer graphs keep a cache per session.
+        self.pooled = bundle.manifest.get("export", {}).get("layer_graphs") == "fused"
+        self.pool = KVPool(bundle.shapes, max_sessions, self.max_context) if self.pooled else None
+        self._free_slots = list(range(max_sessions - 1, -1, -1))  # for caches outside the pool
         self.compute_seconds = 0.0
         self.runs = 0
         self.unit_seconds = np.zeros(bundle.num_units, dtype=np.float64)
+        self.batch_rows = 0  # rows of real steps run (idle rows not counted)
         self._recent: deque[tuple[float, float]] = deque(maxlen=4096)  # (finished at, seconds)
+        self._cond = threading.Condition()
+        self._incoming: deque[_Job] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._jobs: list[_Job] = []
+        self._open: dict[int, Any] = {}  # slot -> the KV store of the session holding it
+        self._stop = False
+        self._observers: list[Callable[[str, float], None]] = []
+        self._thread = threading.Thread(target=self._loop, name="splitllm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ sessions
+
+    async def open_session(self) -> tuple[int, Any]:
+        """A slot and an empty KV store for a new session (TooManySessions when none is free)."""
+        def take() -> tuple[int, Any]:
+            kv: Any
+            if self.pool is not None:
+                slot = self.pool.take()
+                kv = PooledKV(self.pool, slot)
+            elif self._free_slots:
+                slot = self._free_slots.pop()
+                kv = KVCache(self.bundle.shapes)
+            else:
+                raise TooManySessions("the server holds its maximum of sessions; try again later")
+            self._open[slot] = kv
+            return slot, kv
+        return await self.call(take)
+
+    def close_session(self, slot: int) -> None:
+        """Free a session's slot; its KV is forgotten and any step of it still queued is dropped.
+        Safe to call from any thread."""
+        def give_back() -> None:
+            if self._open.pop(slot, None) is None:
+                return
+            for job in [j for j in self._jobs if j.slot == slot]:
+                self._jobs.remove(job)
+                if not job.future.done():
+                    job.future.set_exception(SessionStateError("the session was closed during its step"))
+            if self.pool is not None:
+                self.pool.give_back(slot)
+            else:
+                self._free_slots.append(slot)
+        self._submit_call(give_back)
+
+    # ------------------------------------------------------------------ submitting work
 
     def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
-        """``[start, end)`` cut at the multiples of ``chunk_units`` inside it (whole with 0)."""
-        if self.chunk_units == 0:
-            return [(start, end)]
-        step = self.chunk_units
-        cuts = [start, *range((start // step + 1) * step, end, step), end]
-        return list(zip(cuts[:-1], cuts[1:], strict=True))
+        return cut(start, end, self.chunk_units)
 
-    def segments(self, start: int, end: int, last_logits_only: bool) -> list[Segment]:
-        """The sessions that run ``[start, end)`` in order, loaded (or taken from the LRU)."""
-        return [self._piece(a, b, last_logits_only and b == self.bundle.num_units) for a, b in self.pieces(start, end)]
+    async def run(self, slot: int, kv: Any, msg: wire.Run) -> tuple[wire.Result, RunTiming]:
+        """Run ``msg`` for the session in ``slot``; returns its Result (token sampled or output
+        encoded) and timing. Raises the SplitLLMError the run met (the session's KV unchanged)."""
+        future: Future[tuple[wire.Result, RunTiming]] = Future()
+        job = _Job(slot=slot, kv=kv, msg=msg, x=np.empty(0), pieces=self.pieces(msg.start, msg.end),
+                   future=future, enqueued=time.perf_counter())
+        with self._cond:
+            self._incoming.append(job)
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
 
-    def _piece(self, start: int, end: int, last_logits_only: bool) -> Segment:
-        key = (start, end, last_logits_only)
-        with self._lock:
-            seg = self._segments.get(key)
-            if seg is not None:
-                self._segments.move_to_end(key)
-                return seg
-        seg = Segment(self.bundle, start, end, last_logits_only=last_logits_only, options=self.options,
-                      variant=self.variant)
-        with self._lock:
-            self._segments[key] = seg
-            while len(self._segments) > self.max_pieces:
-                self._segments.popitem(last=False)
-        return seg
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine thread, between pieces (for anything touching KV)."""
+        return await asyncio.wrap_future(self._submit_call(lambda: fn(*args)))
 
-    def _run(self, start: int, end: int, last_only: bool, x: np.ndarray, cache: KVCache, past_len: int,
-             enqueued: float) -> tuple[np.ndarray, RunTiming]:
-        segs = self.segments(start, end, last_only)  # building sessions is not compute: not timed
-        began = time.perf_counter()
-        out = x
-        for seg in segs:
-            piece_began = time.perf_counter()
-            out = seg.run(out, cache, past_len)
-            # Attribute compute to units by their share of the piece (for /metrics and the planner).
-            self.unit_seconds[seg.start:seg.end] += (time.perf_counter() - piece_began) / (seg.end - seg.start)
-        done = time.perf_counter()
-        seconds = done - began
-        self.compute_seconds += seconds
-        self.runs += 1
-        self._recent.append((done, seconds))
-        return out, RunTiming(queue_ms=(began - enqueued) * 1e3, compute_ms=seconds * 1e3)
+    def _submit_call(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stop:
+                future.set_exception(ConfigError("the engine is closed"))
+                return future
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
 
-    async def run(self, start: int, end: int, last_only: bool, x: np.ndarray, cache: KVCache,
-                  past_len: int) -> tuple[np.ndarray, RunTiming]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._run, start, end, last_only, x, cache, past_len, time.perf_counter()
-        )
+    def call_blocking(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread and wait for it here (not from the event loop)."""
+        return self._submit_call(fn).result()
+
+    def segments(self, start: int, end: int) -> list[Piece]:
+        """The loaded pieces that run ``[start, end)`` in order (built now if needed); blocks."""
+        return self.call_blocking(lambda: [self.pieces_cache.get(a, b) for a, b in self.pieces(start, end)])
+
+    async def warm_up(self, start: int, end: int) -> None:
+        """Load the pieces of ``[start, end)`` before a client needs them."""
+        await self.call(lambda: [self.pieces_cache.get(a, b) for a, b in self.pieces(start, end)])
+
+    def observe(self, fn: Callable[[str, float], None]) -> None:
+        """Call ``fn(name, value)`` from the engine thread for every "batch_rows", "step_ms" and
+        "queue_ms" observation (metrics hook)."""
+        self._observers.append(fn)
+
+    # ------------------------------------------------------------------ load figures
 
     def utilisation(self, window_s: float = 10.0) -> float:
-        """Fraction of the last ``window_s`` seconds the ORT worker spent computing."""
+        """Fraction of the last ``window_s`` seconds the engine spent computing."""
         cutoff = time.perf_counter() - window_s
         busy = sum(seconds for finished, seconds in list(self._recent) if finished >= cutoff)
         return min(busy / window_s, 1.0)
@@ -119,15 +246,251 @@ class Engine:
         M/M/1 stretch of response time, capped at 10 (utilisation counted up to 0.9)."""
         return 1.0 / (1.0 - min(self.utilisation(), 0.9))
 
-    async def call(self, fn, *args):  # noqa: ANN001, ANN201
-        """Run ``fn`` on the ORT worker thread (after the runs already queued)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def warm_up(self, start: int, end: int, last_only: bool) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.segments, start, end, last_only)
+    @property
+    def live_sessions(self) -> int:
+        """Sessions holding a slot (the batch window waits for at most this many steps)."""
+        return len(self._open)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            self._segments.clear()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        self.pieces_cache.clear()
+
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._incoming or self._calls or self._jobs):
+                    self._cond.wait()
+                if self._stop:
+                    self._fail_all(ConfigError("the server is shutting down"))
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+                incoming = list(self._incoming)
+                self._incoming.clear()
+            for fn, future in calls:
+                self._do_call(fn, future)
+            for job in incoming:
+                self._admit(job)
+            if self._jobs:
+                self._run_next()
+
+    @staticmethod
+    def _do_call(fn: Callable[[], Any], future: Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller, whatever it is
+            future.set_exception(exc)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for job in [*self._jobs, *self._incoming]:
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._jobs.clear()
+        self._incoming.clear()
+        for _, future in self._calls:
+            if not future.done():
+                future.set_exception(error)
+        self._calls.clear()
+
+    def _admit(self, job: _Job) -> None:
+        """Decode the payload and check the session's KV; a bad job fails here, alone."""
+        if not job.future.set_running_or_notify_cancel():
+            return
+        msg = job.msg
+        if self._open.get(job.slot) is not job.kv:
+            job.future.set_exception(SessionStateError("the session was closed before its step ran"))
+            return
+        try:
+            if msg.past_len + msg.n_tokens > self.max_context:
+                raise ContextTooLong(f"{msg.past_len} cached + {msg.n_tokens} new positions exceed the context "
+                                     f"of {self.max_context}")
+            for unit in range(max(msg.start, 1), min(msg.end, self.bundle.num_units - 1)):
+                have = job.kv.length(unit)
+                if have != msg.past_len:
+                    raise SessionStateError(f"unit {unit} holds {have} positions on the server, the request "
+                                            f"says past_len={msg.past_len}")
+            job.x = decode_run_input(msg, self.bundle.shapes)[0]
+        except SplitLLMError as exc:
+            job.future.set_exception(exc)
+            return
+        job.chunk_end = self._chunk_end(job)
+        self._jobs.append(job)
+
+    def _chunk_end(self, job: _Job) -> int:
+        """Where the job's next chunk ends. While others decode, a chunk is sized so that one
+        piece of it takes about half as long as a piece of their batch (so their steps stretch by
+        about 1.5x while a prompt runs); alone, it takes ``prefill_chunk`` positions."""
+        total = job.msg.n_tokens
+        if total == 1:
+            return 1
+        size = self.prefill_chunk
+        if any(j.msg.n_tokens == 1 for j in self._jobs):
+            if self._decode_piece_s is not None and self._prompt_token_s is not None:
+                size = int(_PROMPT_SHARE * self._decode_piece_s / self._prompt_token_s)
+            else:
+                size = sum(1 for j in self._jobs if j.msg.n_tokens == 1)  # rows cost about the same
+            size = max(_MIN_CHUNK, min(size, self.prefill_chunk))
+        return min(total, job.done_upto + size)
+
+    def _run_next(self) -> None:
+        """Run one piece: the batch of decode steps at the earliest piece, or one prompt chunk."""
+        decode = [j for j in self._jobs if j.chunk_len == 1]
+        prompts = [j for j in self._jobs if j.chunk_len > 1]
+        # Alternate: a prompt chunk after every decode batch, so neither starves.
+        if prompts and (not decode or self._last_was_decode):
+            job = prompts[0]
+            self._last_was_decode = False
+            self._run_group(job.next_piece, [job])
+            return
+        first = min(j.next_piece for j in decode)
+        group = [j for j in decode if j.next_piece == first]
+        fresh = [j.enqueued for j in group if j.started is None]
+        if fresh and self.batch_window_s > 0 and len(group) < self.max_batch and len(self._jobs) < len(self._open):
+            # Other sessions' steps may be on their way: a step waits at most the window for them.
+            wait_s = min(fresh) + self.batch_window_s - time.perf_counter()
+            if wait_s > 0:
+                with self._cond:
+                    self._cond.wait_for(lambda: bool(self._incoming or self._calls or self._stop), wait_s)
+                return
+        self._last_was_decode = True
+        self._run_group(first, group[:self.max_batch])
+
+    _last_was_decode = False
+    _decode_piece_s: float | None = None
+    _prompt_token_s: float | None = None
+
+    def _run_group(self, key: tuple[int, int], group: list[_Job]) -> None:
+        piece = self.pieces_cache.get(*key)  # building a session is not compute: not timed
+        began = time.perf_counter()
+        for job in group:
+            if job.started is None:
+                job.started = began
+        if piece.pooled and self.pool is not None:
+            self._run_pooled(piece, group)
+        else:
+            for job in group:
+                self._run_one(piece, job)
+        seconds = time.perf_counter() - began
+        self.compute_seconds += seconds
+        self.runs += 1
+        self._recent.append((time.perf_counter(), seconds))
+        self.unit_seconds[piece.start:piece.end] += seconds / (piece.end - piece.start)
+        for obs in self._observers:
+            obs("batch_rows", float(len(group)))
+            obs("step_ms", seconds * 1e3)
+        # Running costs that size prompt chunks (per piece, so piece lengths average out).
+        if group[0].chunk_len == 1:
+            self._decode_piece_s = _ewma(self._decode_piece_s, seconds)
+        else:
+            self._prompt_token_s = _ewma(self._prompt_token_s, seconds / group[0].chunk_len)
+        share = seconds / len(group)
+        for job in group:
+            job.compute_s += share
+            self._advance(job)
+
+    def _run_pooled(self, piece: Piece, group: list[_Job]) -> None:
+        """Run ``group`` at ``piece`` over its pool rows, in spans of nearby slots."""
+        pool = self.pool
+        assert pool is not None  # noqa: S101 - _run_group checked it
+        group.sort(key=lambda j: j.slot)
+        spans: list[list[_Job]] = [[group[0]]]
+        for job in group[1:]:
+            if job.slot - spans[-1][-1].slot > _IDLE_GAP_ROWS + 1:
+                spans.append([job])
+            else:
+                spans[-1].append(job)
+        for span in spans:
+            rows = [BatchRow(j.slot, self._chunk_input(j), j.msg.past_len + j.done_upto) for j in span]
+            try:
+                for job, row in zip(span, rows, strict=True):
+                    self._check_past(job, piece, row.past_len)
+                out = piece.run_rows(pool, rows, span[0].slot, span[-1].slot)
+            except SplitLLMError as exc:
+                if len(span) == 1:
+                    self._fail(span[0], exc)
+                    continue
+                for job in span:  # find the culprit: each alone, the others unharmed
+                    self._run_pooled(piece, [job])
+                continue
+            for job, y in zip(span, out, strict=True):
+                job.hidden = y
+
+    def _run_one(self, piece: Piece, job: _Job) -> None:
+        try:
+            x = self._chunk_input(job)[None]
+            past = job.msg.past_len + job.done_upto
+            self._check_past(job, piece, past)
+            job.hidden = piece.segment.run(x, job.kv, past)[0]
+        except SplitLLMError as exc:
+            self._fail(job, exc)
+
+    @staticmethod
+    def _chunk_input(job: _Job) -> np.ndarray:
+        if job.piece == 0:
+            return job.x[job.done_upto:job.chunk_end]
+        assert job.hidden is not None  # noqa: S101 - set by the previous piece
+        return job.hidden
+
+    @staticmethod
+    def _check_past(job: _Job, piece: Piece, past: int) -> None:
+        for unit in piece.layer_units:
+            have = job.kv.length(unit)
+            if have != past:
+                raise SessionStateError(f"unit {unit} holds {have} positions on the server, expected {past}")
+
+    def _fail(self, job: _Job, exc: SplitLLMError) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+        # Positions this job already wrote (earlier pieces or chunks) are cut back: the session's
+        # KV is as it was before the Run, as the client assumes after an error.
+        job.kv.truncate(job.msg.past_len, range(job.msg.start, job.msg.end))
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _advance(self, job: _Job) -> None:
+        if job.future.done():  # failed in this run
+            return
+        job.piece += 1
+        if job.piece < len(job.pieces):
+            return
+        # The chunk went through every piece.
+        assert job.hidden is not None  # noqa: S101 - set by the last piece
+        if job.msg.want == "hidden":
+            job.outputs.append(job.hidden)  # every position's hidden state, chunk after chunk
+        elif job.msg.want == "logits":
+            job.outputs = [job.hidden]  # the head keeps the last position's logits only
+        job.done_upto = job.chunk_end
+        if job.done_upto < job.msg.n_tokens:
+            job.piece = 0
+            job.chunk_end = self._chunk_end(job)
+            return
+        self._jobs.remove(job)
+        try:
+            job.future.set_result(self._reply(job))
+        except SplitLLMError as exc:
+            job.future.set_exception(exc)
+
+    def _reply(self, job: _Job) -> tuple[wire.Result, RunTiming]:
+        msg = job.msg
+        started = job.started if job.started is not None else job.enqueued
+        timing = RunTiming(queue_ms=max(0.0, (started - job.enqueued) * 1e3), compute_ms=job.compute_s * 1e3)
+        for obs in self._observers:
+            obs("queue_ms", timing.queue_ms)
+        if msg.want == "token":
+            assert job.hidden is not None  # noqa: S101 - the head's logits
+            params = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+            token = sample(job.hidden[-1], params, position=msg.past_len + msg.n_tokens)
+            result = wire.Result(seq=msg.seq, token=token, payload=b"", server_ms=timing.compute_ms,
+                                 queue_ms=timing.queue_ms)
+        else:
+            out = np.concatenate(job.outputs, axis=0)[None]  # (1, T, H) or logits
+            result = wire.Result(seq=msg.seq, token=-1, payload=codecs.encode(out, msg.codec),
+                                 server_ms=timing.compute_ms, queue_ms=timing.queue_ms)
+        return result, timing

@@ -21,15 +21,13 @@ from splitllm.errors import (
     ContextTooLong,
     FrameError,
     FrameTooLarge,
-    InvalidToken,
     RateLimited,
-    SessionStateError,
     SplitLLMError,
     TooManyTokens,
 )
-from splitllm.model.runtime import KVCache
-from splitllm.model.sampling import SamplingParams, sample
+from splitllm.model.sampling import SamplingParams
 from splitllm.protocol import wire
+from splitllm.protocol.payload import check_shape
 from splitllm_server.state import ServerState
 
 log = logging.getLogger("splitllm.server")
@@ -114,14 +112,18 @@ class Connection:
                 await self.on_run(msg)
             elif isinstance(msg, wire.Truncate):
                 self.check_units(msg.start, msg.end)
-                self.session.cache.truncate(msg.length, range(msg.start, msg.end))
+                await self.state.engine.call(self.session.cache.truncate, msg.length, range(msg.start, msg.end))
                 self.decode_steps = 0
                 await self.send(wire.Ack(seq=msg.seq))
             elif isinstance(msg, wire.KVPut):
-                self.on_kv_put(msg)
+                self.check_layer_unit(msg.unit)
+                if msg.length > self.state.max_context:
+                    raise ContextTooLong(f"KV of {msg.length} positions exceeds the context of {self.state.max_context}")
+                await self.state.engine.call(self.kv_put, msg)
                 await self.send(wire.Ack(seq=msg.seq))
             elif isinstance(msg, wire.KVGet):
-                await self.send(self.on_kv_get(msg))
+                self.check_layer_unit(msg.unit)
+                await self.send(await self.state.engine.call(self.kv_get, msg))
             elif isinstance(msg, wire.Ping):
                 await self.send(wire.Pong(seq=msg.seq, sent_ms=msg.sent_ms, pad_len=len(msg.pad)))
             elif isinstance(msg, wire.Close):
@@ -153,8 +155,9 @@ class Connection:
                 f"({state.bundle.model_id}); export and load the same bundle on both sides"
             )
         codecs.get_codec(hello.codec)
-        shapes = state.bundle.shapes
-        self.session = state.sessions.open(lambda: KVCache(shapes), hello.codec, hello.client_name)
+        state.sessions.check_room()
+        slot, cache = await state.engine.open_session()
+        self.session = state.sessions.open(slot, cache, hello.codec, hello.client_name)
         await self.send(wire.Welcome(
             session_id=self.session.session_id,
             server_name=state.config.server_name,
@@ -162,7 +165,7 @@ class Connection:
             max_context=state.max_context,
             codecs=list(codecs.codec_names()),
             max_frame_bytes=state.config.max_frame_bytes,
-            kv_lens=[self.session.cache.length(u) for u in range(state.bundle.num_units)],
+            kv_lens=[0] * state.bundle.num_units,
         ))
 
     def check_units(self, start: int, end: int) -> None:
@@ -173,49 +176,27 @@ class Connection:
         if not 1 <= unit <= self.state.bundle.num_layers:
             raise FrameError(f"unit {unit} is not a decoder layer (1..{self.state.bundle.num_layers}); only layers hold KV")
 
-    def on_kv_put(self, msg: wire.KVPut) -> None:
-        """Take over a layer's KV from the client (the layer moves to the server)."""
-        self.check_layer_unit(msg.unit)
+    def kv_put(self, msg: wire.KVPut) -> None:
+        """Take over a layer's KV from the client (the layer moves to the server). Engine thread."""
         shapes = self.state.bundle.shapes
         expected = (1, shapes.num_kv_heads, msg.length, shapes.head_dim)
-        if msg.length > self.state.max_context:
-            raise ContextTooLong(f"KV of {msg.length} positions exceeds the context of {self.state.max_context}")
         limit = int(np.prod(expected))
-        self.check_shape("KVPut.key", msg.key, expected)
-        self.check_shape("KVPut.value", msg.value, expected)
+        check_shape("KVPut.key", msg.key, expected)
+        check_shape("KVPut.value", msg.value, expected)
         key = codecs.decode(msg.key, max_elements=limit)
         value = codecs.decode(msg.value, max_elements=limit)
         self.session.cache.set(msg.unit, key, value)
 
-    def on_kv_get(self, msg: wire.KVGet) -> wire.KVData:
-        """Hand a layer's KV to the client and forget it here (the layer moves to the client)."""
-        self.check_layer_unit(msg.unit)
+    def kv_get(self, msg: wire.KVGet) -> wire.KVData:
+        """Hand a layer's KV to the client and forget it here (the layer moves to the client). Engine thread."""
         key, value = self.session.cache.get(msg.unit)
         reply = wire.KVData(seq=msg.seq, unit=msg.unit, length=int(key.shape[2]),
                             key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32"))
         self.session.cache.drop(range(msg.unit, msg.unit + 1))
         return reply
 
-    def decode_input(self, msg: wire.Run) -> np.ndarray:
-        shapes = self.state.bundle.shapes
-        if msg.start == 0:
-            ids = np.frombuffer(msg.payload, dtype="<i4").astype(np.int64)
-            bad = ids[(ids < 0) | (ids >= shapes.vocab_size)]
-            if bad.size:
-                raise InvalidToken(f"token id {int(bad[0])} is outside the vocabulary of {shapes.vocab_size}")
-            return ids.reshape(1, msg.n_tokens)
-        expected = (1, msg.n_tokens, shapes.hidden_size)
-        self.check_shape("Run payload", msg.payload, expected)
-        return codecs.decode(msg.payload, max_elements=msg.n_tokens * shapes.hidden_size)
-
-    @staticmethod
-    def check_shape(what: str, payload: bytes, expected: tuple[int, ...]) -> None:
-        """Refuse a payload of the wrong shape from its header, before decoding allocates anything."""
-        shape = tuple(codecs.read_header(payload).shape)
-        if shape != expected:
-            raise FrameError(f"{what} has shape {shape}; expected {expected}")
-
     async def on_run(self, msg: wire.Run) -> None:
+        """Check the request against the protocol; the engine does the rest and builds the Result."""
         state = self.state
         session = self.session
         self.check_units(msg.start, msg.end)
@@ -229,31 +210,18 @@ class Connection:
             raise ContextTooLong(
                 f"{msg.past_len} cached + {msg.n_tokens} new positions exceed the context of {state.max_context}"
             )
-        for unit in range(max(msg.start, 1), min(msg.end, num_units - 1)):
-            have = session.cache.length(unit)
-            if have != msg.past_len:
-                raise SessionStateError(
-                    f"unit {unit} holds {have} positions on the server, the request says past_len={msg.past_len}"
-                )
         if msg.n_tokens > 1:
             self.decode_steps = 0
         elif ends_with_head:
             self.decode_steps += 1
             if self.decode_steps > state.config.max_new_tokens:
                 raise TooManyTokens(f"more than {state.config.max_new_tokens} decode steps in a row")
-        params = SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)
+        SamplingParams(msg.temperature, msg.top_p, msg.top_k, msg.seed)  # ConfigError names a bad one
         if msg.want != "token":
             codecs.get_codec(msg.codec)
-        x = self.decode_input(msg)
-        out, timing = await state.engine.run(msg.start, msg.end, ends_with_head, x, session.cache, msg.past_len)
+        reply, _ = await state.engine.run(session.slot, session.cache, msg)
         state.metrics.tokens_in += msg.n_tokens
         if msg.want == "token":
-            token = sample(out[0, -1], params, position=msg.past_len + msg.n_tokens)
             session.tokens += 1
             state.metrics.tokens_out += 1
-            reply = wire.Result(seq=msg.seq, token=token, payload=b"", server_ms=timing.compute_ms,
-                                queue_ms=timing.queue_ms)
-        else:
-            reply = wire.Result(seq=msg.seq, token=-1, payload=codecs.encode(out, msg.codec),
-                                server_ms=timing.compute_ms, queue_ms=timing.queue_ms)
         await self.send(reply)

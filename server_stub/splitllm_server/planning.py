@@ -1,42 +1,37 @@
 """POST /v1/plan: the server's answer to "which layers should I run?" as a bandwidth policy.
 
-The client sends its own per-unit profile, its SLA, its codec and its measured link; the server
-adds its own profile (measured once, cached) scaled by its current load, and returns the DP's
-placements for ranges of uplink bandwidth, for the prefill and for decode steps.
+The client sends a :class:`~splitllm.protocol.plan.PlanRequest` (its own per-unit profile, SLA,
+codec and measured link); the server adds its own profile (measured once, cached) scaled by its
+current load, and returns a :class:`~splitllm.protocol.plan.PlanResponse`: the DP's placements
+for ranges of uplink bandwidth, for the prefill and for decode steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from splitllm import codec as codecs
 from splitllm.errors import ConfigError, SplitLLMError
-from splitllm.planner.costs import PhaseSLA, bandwidth_grid, build_policies
+from splitllm.model.bundle import Bundle
+from splitllm.planner.costs import bandwidth_grid, build_policies
 from splitllm.planner.profile import Profile, load_or_measure
+from splitllm.protocol.plan import PlanRequest, PlanResponse
+from splitllm_server.costcurve import BatchCurve, load_or_measure_curve
+from splitllm_server.state import STATE, ServerState
 
 POLICY_VALID_S = 30.0
-_MAX_PROMPT_TOKENS = 1 << 20
 
 
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not a number a plan can use")
 
 
-def _number(body: dict[str, Any], key: str, *, positive: bool = True, default: float | None = None) -> float:
-    value = body.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"plan request field {key!r} must be a number, got {value!r}")
-    value = float(value)
-    if not (value > 0 if positive else value >= 0) or value == float("inf"):
-        raise ConfigError(f"plan request field {key!r} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return value
-
-
-def _gflops_per_token(bundle) -> list[float] | None:  # noqa: ANN001 - Bundle
+def _gflops_per_token(bundle: Bundle) -> list[float] | None:
     """Server work per unit and position from the bundle's cost table (GFLOP), if it has one."""
     units = bundle.cost.get("units", [])
     if len(units) != bundle.num_units:
@@ -44,8 +39,8 @@ def _gflops_per_token(bundle) -> list[float] | None:  # noqa: ANN001 - Bundle
     return [float(u.get("flops_per_token_decode", 0)) / 1e9 for u in units]
 
 
-async def server_profile(state) -> Profile:  # noqa: ANN001 - ServerState
-    """Measure (once, on the ORT worker) or load this server's per-unit profile."""
+async def server_profile(state: ServerState) -> Profile:
+    """Measure (once, on the engine thread) or load this server's per-unit profile."""
     if state.profile is None:
         async with state.profile_lock:
             if state.profile is None:
@@ -55,65 +50,86 @@ async def server_profile(state) -> Profile:  # noqa: ANN001 - ServerState
     return state.profile
 
 
-def parse_request(body: Any, num_units: int) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ConfigError("the plan request must be a JSON object")
-    profile = Profile.from_dict(body.get("client_profile"), num_units)
-    sla = body.get("sla")
-    if not isinstance(sla, dict):
-        raise ConfigError("plan request field 'sla' must be an object with ttft_ms and token_ms")
-    codec = body.get("codec", "int8-block64")
-    if not isinstance(codec, str):
-        raise ConfigError("plan request field 'codec' must be a string")
-    codecs.get_codec(codec)
-    prompt_tokens = body.get("prompt_tokens", profile.prefill_tokens)
-    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or not 1 <= prompt_tokens <= _MAX_PROMPT_TOKENS:
-        raise ConfigError(f"plan request field 'prompt_tokens' must be an int in 1..{_MAX_PROMPT_TOKENS}")
-    return {
-        "profile": profile,
-        "sla": PhaseSLA(_number(sla, "ttft_ms"), _number(sla, "token_ms")),
-        "codec": codec,
-        "prompt_tokens": prompt_tokens,
-        "uplink_bps": _number(body, "uplink_bps", default=100e6),
-        "downlink_bps": _number(body, "downlink_bps", default=body.get("uplink_bps", 100e6)),
-        "rtt_ms": _number(body, "rtt_ms", positive=False, default=1.0),
-    }
+async def batch_curve(state: ServerState) -> BatchCurve | None:
+    """The engine's decode cost curve (measured once, cached), or None when it does not batch."""
+    engine = state.engine
+    if engine.max_batch <= 1 or not engine.pooled:
+        return None
+    if state.curve is None:
+        async with state.profile_lock:
+            if state.curve is None:
+                threads = state.config.intra_op_threads
+                state.curve = await engine.call(lambda: load_or_measure_curve(
+                    state.bundle, engine.variant, threads, engine.max_batch, engine.options))
+    return state.curve
+
+
+@dataclass(frozen=True)
+class ServerCosts:
+    """The server's side of a planning problem (milliseconds per unit; work in the DP's units)."""
+
+    prefill_ms: Sequence[float]
+    decode_ms: Sequence[float]
+    load_factor: float
+    decode_work: Sequence[float] | None  # None: the bundle's FLOPs (work_per_token) for decode too
+    extra: dict[str, Any]  # reported to the client beside the policy
+
+
+def server_costs(state: ServerState, server: Profile, curve: BatchCurve | None, prompt_tokens: int) -> ServerCosts:
+    """The server's side of a planning problem: its times per unit and phase, and its work.
+
+    A batching server prices a decode step at the batch it will join: the step time with one
+    more row than the sessions it holds besides the asker, and as work the marginal time that row
+    adds (``costcurve``). A prompt runs in chunks alternating with the decode batches, so while
+    others decode it takes about twice its own time. Without batching: the measured times
+    stretched by the M/M/1 load factor, as before.
+    """
+    engine = state.engine
+    num_units = state.bundle.num_units
+    if curve is None:
+        return ServerCosts(server.scaled_prefill_ms(prompt_tokens), server.decode_ms, engine.load_factor(), None,
+                           {"pricing": "load-factor"})
+    others = max(engine.live_sessions - 1, 0)
+    stretch = 2.0 if others else 1.0
+    return ServerCosts(
+        prefill_ms=[ms * stretch for ms in server.scaled_prefill_ms(prompt_tokens)],
+        decode_ms=[curve.step_ms(u, num_units, others + 1) for u in range(num_units)],
+        load_factor=1.0,
+        decode_work=[curve.marginal_ms(u, num_units, others) for u in range(num_units)],
+        extra={"pricing": "batch-marginal", "occupancy": others},
+    )
 
 
 async def plan_route(request: web.Request) -> web.Response:
-    from splitllm_server.app import STATE
-
     state = request.app[STATE]
     try:
         try:
             body = json.loads(await request.text(), parse_constant=_no_constants)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
-        req = parse_request(body, state.bundle.num_units)
+        req = PlanRequest.from_json(body, state.bundle.num_units)
         server = await server_profile(state)
-        load = state.engine.load_factor()
-        client: Profile = req["profile"]
+        costs = server_costs(state, server, await batch_curve(state), req.prompt_tokens)
+        client = req.client_profile
         policies = await asyncio.get_running_loop().run_in_executor(None, lambda: build_policies(
-            client_prefill_ms=client.scaled_prefill_ms(req["prompt_tokens"]),
+            client_prefill_ms=client.scaled_prefill_ms(req.prompt_tokens),
             client_decode_ms=client.decode_ms,
-            server_prefill_ms=server.scaled_prefill_ms(req["prompt_tokens"]),
-            server_decode_ms=server.decode_ms,
-            load_factor=load, hidden_size=state.bundle.shapes.hidden_size,
-            prompt_tokens=req["prompt_tokens"], codec=req["codec"], uplink_bps=req["uplink_bps"],
-            downlink_bps=req["downlink_bps"], rtt_ms=req["rtt_ms"], sla=req["sla"],
+            server_prefill_ms=costs.prefill_ms,
+            server_decode_ms=costs.decode_ms,
+            load_factor=costs.load_factor, hidden_size=state.bundle.shapes.hidden_size,
+            prompt_tokens=req.prompt_tokens, codec=req.codec, uplink_bps=req.uplink_bps,
+            downlink_bps=req.downlink, rtt_ms=req.rtt_ms, sla=req.sla,
             # A table around the client's measured uplink: 100x either way, so it only has to
             # ask again after a large change.
-            grid=bandwidth_grid(req["uplink_bps"] / 100, req["uplink_bps"] * 100),
+            grid=bandwidth_grid(req.uplink_bps / 100, req.uplink_bps * 100),
             work_per_token=_gflops_per_token(state.bundle),
             kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
+            decode_work=costs.decode_work,
         ))
     except SplitLLMError as exc:
         state.metrics.count_error(exc.code)
         return web.json_response({"error": {"code": exc.code, "message": str(exc)}}, status=400)
     state.metrics.plans += 1
-    return web.json_response({
-        "policy": {phase: policy.to_dict() for phase, policy in policies.items()},
-        "load_factor": load,
-        "valid_s": POLICY_VALID_S,
-        "server_profile": server.to_dict(),
-    })
+    answer = PlanResponse(policies=policies, server_profile=server, load_factor=costs.load_factor,
+                          valid_s=POLICY_VALID_S, extra=costs.extra)
+    return web.json_response(answer.to_json())

@@ -1,19 +1,23 @@
-"""Per-client server state: the KV cache of the units the server has run for that client."""
+"""Per-client server state: the session's slot in the engine and its KV store."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from splitllm.errors import TooManySessions
-from splitllm.model.runtime import KVCache
+
+__all__ = ["ServerSession", "SessionStore"]
 
 
 @dataclass
 class ServerSession:
     session_id: str
-    cache: KVCache
+    slot: int  # the session's row in the engine's KV pools
+    cache: Any  # PooledKV (fused layers) or KVCache: the KV of the units the server ran for it
     codec: str
     client_name: str
     created: float = field(default_factory=time.monotonic)
@@ -25,11 +29,17 @@ class ServerSession:
 
 
 class SessionStore:
-    """Bounded map of live sessions; idle ones are evicted after ``idle_ttl_s``."""
+    """Bounded map of live sessions; idle ones are evicted after ``idle_ttl_s``.
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float) -> None:
+    ``on_close(session)`` runs once for every session that leaves (closed or evicted): the
+    engine frees its slot there.
+    """
+
+    def __init__(self, max_sessions: int, idle_ttl_s: float,
+                 on_close: Callable[[ServerSession], None] | None = None) -> None:
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
+        self.on_close = on_close
         self._sessions: dict[str, ServerSession] = {}
         self.opened_total = 0
         self.evicted_total = 0
@@ -37,17 +47,22 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, make_cache, codec: str, client_name: str) -> ServerSession:  # noqa: ANN001
+    def check_room(self) -> None:
+        """TooManySessions unless another session fits (idle ones are evicted first)."""
         self.evict_idle()
         if len(self._sessions) >= self.max_sessions:
             raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions; try again later")
-        session = ServerSession(secrets.token_hex(16), make_cache(), codec, client_name)
+
+    def open(self, slot: int, cache: Any, codec: str, client_name: str) -> ServerSession:
+        session = ServerSession(secrets.token_hex(16), slot, cache, codec, client_name)
         self._sessions[session.session_id] = session
         self.opened_total += 1
         return session
 
     def close(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None and self.on_close is not None:
+            self.on_close(session)
 
     def idle(self) -> list[ServerSession]:
         now = time.monotonic()
@@ -56,7 +71,7 @@ class SessionStore:
     def evict_idle(self) -> int:
         stale = self.idle()
         for session in stale:
-            self._sessions.pop(session.session_id, None)
+            self.close(session.session_id)
         self.evicted_total += len(stale)
         return len(stale)
 

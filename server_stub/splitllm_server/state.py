@@ -6,6 +6,9 @@ import asyncio
 import resource
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
 
 from splitllm.model.bundle import Bundle
 from splitllm.planner.profile import Profile
@@ -35,6 +38,7 @@ class ServerState:
     sessions: SessionStore
     metrics: Metrics = field(default_factory=Metrics)
     profile: Profile | None = None  # this server's per-unit timings, measured on first use
+    curve: Any = None  # the engine's BatchCurve (costcurve), measured on first use
     profile_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -83,3 +87,6 @@ class ServerState:
         rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         lines += ["# TYPE splitllm_peak_rss_bytes gauge", f"splitllm_peak_rss_bytes {rss_kib * 1024}"]
         return "\n".join(lines) + "\n"
+
+
+STATE = web.AppKey("splitllm_state", ServerState)

@@ -161,10 +161,14 @@ def build_policies(
     grid: Sequence[float] | None = None,
     work_per_token: Sequence[float] | None = None,
     kv_bytes_per_position: float | None = None,
+    decode_work: Sequence[float] | None = None,
 ) -> dict[str, Policy]:
     """Prefill and decode policies: the DP's placement for each uplink range.
 
     Server time is the measured time scaled by ``load_factor`` (queueing on a busy server).
+    ``decode_work``, when given, is the server work of each unit for one decode step (a batching
+    server passes the marginal milliseconds one more client adds at its occupancy); it replaces
+    ``work_per_token`` for the decode phase.
     Server work, the quantity minimised, is ``work_per_token`` (e.g. the bundle's FLOPs per unit)
     times the positions run when given, so identical layers cost the same and measurement noise
     cannot steer the choice between them; otherwise the unscaled measured time. With
@@ -183,6 +187,8 @@ def build_policies(
         ("decode", client_decode_ms, server_decode_ms, 1, sla.token_ms),
     ):
         work = server if work_per_token is None else [w * tokens for w in work_per_token]
+        if phase == "decode" and decode_work is not None:
+            work = list(decode_work)
         if work_per_token is not None:
             client, server = pool_identical(client, work_per_token), pool_identical(server, work_per_token)
         problems[phase] = build_problem(
