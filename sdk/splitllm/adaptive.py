@@ -38,6 +38,7 @@ class PolicyFollower:
         self._valid_s = 30.0
         self._prompt_tokens = 64
         self._in_use: dict[str, PolicyRange] = {}  # per phase: the range whose plan was last given
+        self.tokens_per_round_trip = 1.0  # decode tokens one round trip yields (speculation: more)
 
     async def refresh(self, remote: Remote, codec: str, prompt_tokens: int) -> None:
         link = remote.stats
@@ -45,6 +46,7 @@ class PolicyFollower:
         answer = await remote.plan(PlanRequest(
             client_profile=self.profile, sla=self.sla, prompt_tokens=max(1, prompt_tokens), codec=codec,
             uplink_bps=uplink, downlink_bps=uplink, rtt_ms=link.rtt_floor_ms,
+            tokens_per_round_trip=self.tokens_per_round_trip,
         ))
         self.policies = answer.policies
         self._valid_s = answer.valid_s

@@ -33,6 +33,7 @@ from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile, load_or_measure
 from splitllm.protocol.connection import LinkStats, Remote
 from splitllm.protocol.plan import DEFAULT_CODEC
+from splitllm.speculate import GammaController, ModelDrafter, NgramDrafter, parse_speculate
 from splitllm.stream import GenerationStats, StopText, TokenPiece
 
 __all__ = ["ChatSession", "GenerationStats", "Placement", "SplitClient", "TokenPiece"]
@@ -47,6 +48,13 @@ class SplitClient:
     carries such as "int4"; ConfigError names the available ones). The server always runs fp32.
     ``device`` replaces the :class:`LocalDevice` that runs local ranges (emulators pass a slower
     one; see ``splitllm.testing``).
+
+    ``speculate``: ``"auto"`` (default) drafts tokens on the device and verifies several per round
+    trip where the measured link and acceptance make it pay, ``"off"``, or a fixed number of
+    drafts per round trip (greedy decoding only; the tokens are those of plain greedy decoding).
+    ``drafter``: ``"model"`` (the whole model here, in ``draft_weights``, by default the bundle's
+    smallest variant), ``"ngram"`` (prompt lookup) or ``"auto"`` (a long n-gram match, else the
+    model). See ``splitllm.speculate``.
     """
 
     def __init__(
@@ -67,6 +75,9 @@ class SplitClient:
         ssl: ssl_module.SSLContext | bool | None = None,
         weights: str = DEFAULT_VARIANT,
         device: LocalDevice | None = None,
+        speculate: str | int = "auto",
+        drafter: str = "auto",
+        draft_weights: str | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
         self.weights = self.bundle.check_variant(weights)
@@ -87,6 +98,16 @@ class SplitClient:
         remote = None if local else Remote(server, token, timeout_s, client_name, ssl=ssl)  # type: ignore[arg-type]
         self.conversation = Conversation(self.bundle, device, remote, placement, codec,
                                          failover_timeout_s=failover_timeout_s, fallback_local=fallback_local)
+        # Speculative decoding (splitllm.speculate): None when off.
+        fixed = parse_speculate(speculate)
+        self.speculation: GammaController | None = None if fixed == 0 else GammaController(fixed)
+        if drafter not in ("auto", "model", "ngram"):
+            raise ConfigError(f"drafter must be 'auto', 'model' or 'ngram', got {drafter!r}")
+        self.drafter = drafter
+        smallest = "int4" if "int4" in self.bundle.variants else self.weights
+        self.draft_weights = self.bundle.check_variant(draft_weights or smallest)
+        self._ngram = NgramDrafter(min_n=3 if drafter == "auto" else 2)
+        self._model_drafter: ModelDrafter | None = None
         self.profile: Profile | None = None  # this device's unit timings, measured by plan()
         self.follower: PolicyFollower | None = None  # adaptive mode, after plan()
         self.last_stats = GenerationStats()
@@ -220,6 +241,9 @@ class SplitClient:
 
     async def _adapt(self, phase: str, tokens: int) -> None:
         if self.follower is not None and self.remote is not None:
+            if self.speculation is not None:
+                self.follower.tokens_per_round_trip = self.speculation.tokens_per_round(
+                    self.remote.stats.rtt_ms_ewma or 0.0)
             sides = await self.follower.placement_for(self.remote, self.codec, phase, tokens)
             if sides is not None:
                 self.set_placement(sides)
@@ -286,33 +310,80 @@ class SplitClient:
         await self._adapt("prefill", len(feed))
         decoder = self.text.incremental(skip_special_tokens=True)
         stopper = StopText(stop)
-        for _ in range(max_new_tokens):
-            token = await self.conversation.step(feed, params)
-            stats.new_tokens += 1
-            stats.new_ids.append(token)
-            if stats.new_tokens == 1:
-                stats.first_token_s = time.perf_counter() - started
-            if stats.new_tokens == 1 or stats.new_tokens % 16 == 0:
+        produced = [await self.conversation.step(feed, params)]  # the prompt's pass
+        stats.steps = 1
+        next_adapt = 1
+        while True:
+            for token in produced:
+                stats.new_tokens += 1
+                stats.new_ids.append(token)
+                if stats.new_tokens == 1:
+                    stats.first_token_s = time.perf_counter() - started
+                stats.seconds = time.perf_counter() - started
+                if token in self.text.eos_ids and not ignore_eos:
+                    stats.stop_reason = "eos"
+                    break
+                text, hit = stopper.push(decoder.push(token))
+                if text or not hit:
+                    yield TokenPiece(token, text)
+                if hit:
+                    stats.stop_reason = "stop"
+                    break
+                if stats.new_tokens == max_new_tokens:
+                    stats.stop_reason = "length"
+                    break
+            if stats.stop_reason:
+                break
+            if stats.new_tokens >= next_adapt:
                 await self._adapt("decode", 1)
-            stats.seconds = time.perf_counter() - started
-            if token in self.text.eos_ids and not ignore_eos:
-                stats.stop_reason = "eos"
-                break
-            text, hit = stopper.push(decoder.push(token))
-            if text or not hit:
-                yield TokenPiece(token, text)
-            if hit:
-                stats.stop_reason = "stop"
-                break
-            feed = [token]
-        else:
-            stats.stop_reason = "length"
+                next_adapt = (stats.new_tokens // 16 + 1) * 16
+            produced = await self._next_tokens(produced[-1], params, max_new_tokens - stats.new_tokens, stats)
         stats.split = self.placement.split
         stats.server_units = sum(1 for side in self.placement.sides if side == SERVER)
         tail, _ = stopper.push(decoder.flush(), final=True)
         if tail and stats.stop_reason != "stop":
             yield TokenPiece(-1, tail)
         stats.seconds = time.perf_counter() - started
+
+    async def _next_tokens(self, last: int, params: SamplingParams, remaining: int,
+                           stats: GenerationStats) -> list[int]:
+        """The next step: ``last`` alone (one token), or ``last`` plus drafts verified in one pass."""
+        conv = self.conversation
+        gamma = 0
+        rtt_ms = (self.link.rtt_ms_ewma or 0.0) if self.link is not None else 0.0
+        speculating = (self.speculation is not None and params.temperature == 0 and self.remote is not None
+                       and any(side == SERVER for side in self.placement.sides))
+        if speculating:
+            room = self.max_context - len(conv.tokens) - 2  # positions for drafts after ``last``
+            gamma = max(0, min(self.speculation.gamma(rtt_ms), remaining - 1, room))
+        stats.steps += 1
+        drafts: list[int] = []
+        began = time.perf_counter()
+        if gamma > 0:
+            context = [*conv.tokens, last]
+            drafts = await self.device.call(self._draft, context, gamma)
+        drafted = time.perf_counter()
+        if drafts:
+            new = await conv.verify(last, drafts)
+            stats.drafted += len(drafts)
+            stats.accepted += len(new) - 1
+        else:
+            new = [await conv.step([last], params)]
+        if speculating:
+            verify_ms = max((time.perf_counter() - drafted) * 1e3 - rtt_ms, 0.0)
+            self.speculation.observe(len(drafts), len(new) - 1, (drafted - began) * 1e3, verify_ms)
+        return new
+
+    def _draft(self, context: list[int], gamma: int) -> list[int]:
+        """Draft tokens (on the device thread): a long enough n-gram match first, else the model."""
+        if self.drafter in ("auto", "ngram"):
+            drafts = self._ngram.propose(context, gamma)
+            if drafts or self.drafter == "ngram":
+                return drafts
+        if self._model_drafter is None:
+            self._model_drafter = ModelDrafter(self.bundle, self.draft_weights, self.options)
+        drafts = self._model_drafter.propose(context, gamma)
+        return drafts
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)

@@ -73,6 +73,9 @@ class Conversation:
         self.placements_used = 0
         self._consistent = True  # False: some cache may hold more positions than ``tokens``
         self._pending: Placement | None = None  # placement to switch to before the next step
+        # After rejected drafts the server holds more positions than ``tokens``: the next server
+        # request first cuts them (pipelined, no extra round trip).
+        self._trim_to: int | None = None
 
     @property
     def local(self) -> bool:
@@ -98,6 +101,7 @@ class Conversation:
             await self.remote.truncate(length, 0, self.bundle.num_units)
         del self.tokens[length:]
         self._consistent = True
+        self._trim_to = None
 
     # ------------------------------------------------------------------ placement
 
@@ -115,6 +119,9 @@ class Conversation:
         if new is None or new == self.placement:
             return
         try:
+            if self._trim_to is not None and self.remote is not None:
+                await self.remote.truncate(self._trim_to, 0, self.bundle.num_units)  # moves send exact lengths
+                self._trim_to = None
             await self._move_kv(new)
         except BaseException:
             self._forget()  # half-moved KV cannot be trusted; the next request re-runs its prompt
@@ -166,14 +173,38 @@ class Conversation:
 
         A lost server is reconnected (or replaced by the device) and the step retried.
         """
+        return (await self._retrying(feed, params, verify=False))[0]
+
+    async def verify(self, last: int, drafts: list[int]) -> list[int]:
+        """Speculative step (greedy): run ``last`` and ``drafts`` after the cached positions in one
+        pass and return the new tokens: the drafts the model agrees with, then its own next token.
+
+        ``last`` and the accepted drafts become cached; the KV of rejected drafts is cut here now
+        and on the server with its next request. Failover as for :meth:`step`.
+        """
+        feed = [last, *drafts]
+        chosen = await self._retrying(feed, SamplingParams(), verify=True)
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == chosen[accepted]:
+            accepted += 1
+        keep = len(self.tokens) + 1 + accepted  # ``tokens`` does not include ``feed`` yet
+        if accepted < len(drafts):
+            self.cache.truncate(keep)
+            if self.remote is not None and any(side == SERVER for side in self.placement.sides):
+                self._trim_to = keep
+        self.tokens.extend(feed[:1 + accepted])
+        return [*drafts[:accepted], chosen[accepted]]
+
+    async def _retrying(self, feed: list[int], params: SamplingParams, verify: bool) -> list[int]:
         attempts = 0
         while True:
             try:
                 if self._pending is not None:
                     await self.apply_pending()
-                token = await self._forward(feed, len(self.tokens), params)
-                self.tokens.extend(feed)
-                return token
+                chosen = await self._run(feed, len(self.tokens), params, verify)
+                if not verify:
+                    self.tokens.extend(feed)
+                return chosen
             except ServerUnavailable:
                 self._invalidate()
                 attempts += 1
@@ -184,23 +215,34 @@ class Conversation:
                 raise
             await self._failover(params)
 
-    async def _forward(self, ids: Sequence[int], past: int, params: SamplingParams) -> int:
-        """Run new positions ``ids`` after ``past`` cached ones through the placement; sample one token."""
+    async def _run(self, ids: Sequence[int], past: int, params: SamplingParams, verify: bool) -> list[int]:
+        """Run new positions ``ids`` after ``past`` cached ones through the placement: one sampled
+        token, or with ``verify`` the greedy token after every position."""
         num_units = self.bundle.num_units
         x: np.ndarray = np.asarray([ids], dtype=np.int64)
         for side, start, end in self.placement.runs:
             has_head = end == num_units
             if side == CLIENT:
-                x = await self.device.run(start, end, x, self.cache, past)
-                if has_head:
-                    return sample(x[0, -1], params, position=past + len(ids))
-                continue
+                x = await self.device.run(start, end, x, self.cache, past, all_logits=verify)
+                if not has_head:
+                    continue
+                if verify:
+                    return [int(t) for t in x[0].argmax(axis=-1)]
+                return [sample(x[0, -1], params, position=past + len(ids))]
             if self.remote is None:
                 raise ConfigError("the placement puts units on a server, but this conversation has none")
-            result = await self.remote.run(start, end, past, x, "token" if has_head else "hidden", params, self.codec)
-            if has_head:
-                return result.token
-            x = codecs.decode(result.payload)
+            want = ("tokens" if verify else "token") if has_head else "hidden"
+            trim, self._trim_to = self._trim_to, None
+            result = await self.remote.run(start, end, past, x, want, params, self.codec, trim_to=trim)
+            if not has_head:
+                x = codecs.decode(result.payload)
+            elif verify:
+                chosen = np.frombuffer(result.payload, dtype="<i4")
+                if chosen.size != len(ids):
+                    raise FrameError(f"expected {len(ids)} verified tokens, got {chosen.size}")
+                return [int(t) for t in chosen]
+            else:
+                return [result.token]
         raise FrameError("a placement must end with the head")  # unreachable for a valid Placement
 
     # ------------------------------------------------------------------ failover
@@ -237,8 +279,9 @@ class Conversation:
     async def _replay(self, params: SamplingParams) -> None:
         self.cache = KVCache(self.bundle.shapes)
         self._pending = None
+        self._trim_to = None  # a new server session holds nothing to cut
         if self.tokens:
-            await self._forward(self.tokens, 0, params)
+            await self._run(self.tokens, 0, params, verify=False)
         self._consistent = True
 
     async def _go_local(self, params: SamplingParams) -> None:

@@ -47,15 +47,18 @@ class LocalDevice:
             self._segments.pop(next(iter(self._segments)))
         return seg
 
-    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int) -> np.ndarray:
+    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
+                 all_logits: bool = False) -> np.ndarray:
         """Run units [start, end) over ``x`` (ids (1, T) from unit 0, else hidden (1, T, H)); on the
-        worker thread. Returns hidden states, or the last position's logits when ``end`` is the head."""
-        seg = self.segment(start, end, end == self.bundle.num_units)
+        worker thread. Returns hidden states, or when ``end`` is the head the last position's
+        logits (every position's with ``all_logits``)."""
+        seg = self.segment(start, end, end == self.bundle.num_units and not all_logits)
         return seg.run(x, cache, past_len)
 
-    async def run(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int) -> np.ndarray:
+    async def run(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
+                  all_logits: bool = False) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.run_sync, start, end, x, cache, past_len)
+            self._executor, self.run_sync, start, end, x, cache, past_len, all_logits)
 
     async def call(self, fn, *args):  # noqa: ANN001, ANN201
         """Run ``fn(*args)`` on the device's worker thread (after runs already queued)."""

@@ -41,10 +41,22 @@ class GenerationStats:
     codec: str = ""
     new_ids: list[int] = field(default_factory=list)
     server_units: int = 0  # units on the server in the placement the generation ended with
+    steps: int = 0  # passes through the model (round trips when a server takes part), prompt included
+    drafted: int = 0  # speculative drafts sent for verification
+    accepted: int = 0  # drafts the model agreed with
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens per pass through the model (above 1 only when speculation pays)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 class StopText:

@@ -87,6 +87,7 @@ class _Job:
     msg: wire.Run
     x: np.ndarray  # the whole input: (T,) ids or (T, H) hidden
     pieces: list[tuple[int, int]]
+    num_units: int
     future: Future[tuple[wire.Result, RunTiming]]
     enqueued: float
     done_upto: int = 0  # positions of the input that went through every piece
@@ -102,8 +103,11 @@ class _Job:
         return self.chunk_end - self.done_upto
 
     @property
-    def next_piece(self) -> tuple[int, int]:
-        return self.pieces[self.piece]
+    def next_piece(self) -> tuple[int, int, bool]:
+        """(start, end, last_only) of the piece the job runs next; the head keeps every position's
+        logits for a verification (want="tokens"), else the last one's."""
+        start, end = self.pieces[self.piece]
+        return start, end, end == self.num_units and self.msg.want != "tokens"
 
 
 class Engine:
@@ -196,7 +200,7 @@ class Engine:
         encoded) and timing. Raises the SplitLLMError the run met (the session's KV unchanged)."""
         future: Future[tuple[wire.Result, RunTiming]] = Future()
         job = _Job(slot=slot, kv=kv, msg=msg, x=np.empty(0), pieces=self.pieces(msg.start, msg.end),
-                   future=future, enqueued=time.perf_counter())
+                   num_units=self.bundle.num_units, future=future, enqueued=time.perf_counter())
         with self._cond:
             self._incoming.append(job)
             self._cond.notify()
@@ -366,7 +370,7 @@ class Engine:
     _decode_piece_s: float | None = None
     _prompt_token_s: float | None = None
 
-    def _run_group(self, key: tuple[int, int], group: list[_Job]) -> None:
+    def _run_group(self, key: tuple[int, int, bool], group: list[_Job]) -> None:
         piece = self.pieces_cache.get(*key)  # building a session is not compute: not timed
         began = time.perf_counter()
         for job in group:
@@ -462,8 +466,8 @@ class Engine:
             return
         # The chunk went through every piece.
         assert job.hidden is not None  # noqa: S101 - set by the last piece
-        if job.msg.want == "hidden":
-            job.outputs.append(job.hidden)  # every position's hidden state, chunk after chunk
+        if job.msg.want in ("hidden", "tokens"):
+            job.outputs.append(job.hidden)  # every position's hidden state or logits, chunk after chunk
         elif job.msg.want == "logits":
             job.outputs = [job.hidden]  # the head keeps the last position's logits only
         job.done_upto = job.chunk_end
@@ -489,6 +493,10 @@ class Engine:
             token = sample(job.hidden[-1], params, position=msg.past_len + msg.n_tokens)
             result = wire.Result(seq=msg.seq, token=token, payload=b"", server_ms=timing.compute_ms,
                                  queue_ms=timing.queue_ms)
+        elif msg.want == "tokens":
+            logits = np.concatenate(job.outputs, axis=0)  # (T, V): every position's
+            result = wire.Result(seq=msg.seq, token=-1, payload=logits.argmax(axis=-1).astype("<i4").tobytes(),
+                                 server_ms=timing.compute_ms, queue_ms=timing.queue_ms)
         else:
             out = np.concatenate(job.outputs, axis=0)[None]  # (1, T, H) or logits
             result = wire.Result(seq=msg.seq, token=-1, payload=codecs.encode(out, msg.codec),

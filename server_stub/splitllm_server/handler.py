@@ -202,7 +202,7 @@ class Connection:
         self.check_units(msg.start, msg.end)
         num_units = state.bundle.num_units
         ends_with_head = msg.end == num_units
-        if msg.want in ("token", "logits") and not ends_with_head:
+        if msg.want in ("token", "logits", "tokens") and not ends_with_head:
             raise FrameError(f"want={msg.want!r} needs the head (unit {num_units - 1}) in the range")
         if msg.want == "hidden" and ends_with_head:
             raise FrameError("want='hidden' cannot include the head; ask for 'token' or 'logits'")

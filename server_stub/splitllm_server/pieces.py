@@ -127,8 +127,10 @@ class PieceCache:
         self.max_pieces = max_pieces
         self._pieces: OrderedDict[tuple[int, int, bool], Piece] = OrderedDict()
 
-    def get(self, start: int, end: int) -> Piece:
-        last_only = end == self.bundle.num_units
+    def get(self, start: int, end: int, last_only: bool | None = None) -> Piece:
+        """The piece for [start, end); a head piece keeps only the last position's logits unless
+        ``last_only`` is False."""
+        last_only = end == self.bundle.num_units if last_only is None else last_only and end == self.bundle.num_units
         key = (start, end, last_only)
         piece = self._pieces.get(key)
         if piece is not None:

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from splitllm.errors import SplitLLMError
+from splitllm.errors import ConfigError, SplitLLMError
 from splitllm.model.bundle import Bundle
 
 
@@ -68,13 +68,28 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads here (0 = all cores)")
+    p.add_argument("--speculate", default="auto",
+                   help="draft tokens here and verify several per round trip: auto (where it pays, default), "
+                        "off, or a number of drafts (greedy decoding only)")
+    p.add_argument("--drafter", default="auto", choices=("auto", "model", "ngram"),
+                   help="who drafts: the whole model here, prompt lookup, or auto (a long n-gram match, else "
+                        "the model; default)")
 
 
 def _make_client(args: argparse.Namespace):  # noqa: ANN202
     from splitllm.client import SplitClient
 
+    speculate = args.speculate if args.speculate in ("auto", "off") else _int_arg("--speculate", args.speculate)
     return SplitClient(args.bundle, None if args.local else args.server, token=args.token, split=args.split,
-                       codec=args.codec, local=args.local, threads=args.threads)
+                       codec=args.codec, local=args.local, threads=args.threads, speculate=speculate,
+                       drafter=args.drafter)
+
+
+def _int_arg(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be auto, off or a number, got {value!r}") from exc
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, object]:
@@ -95,11 +110,14 @@ async def _generate(args: argparse.Namespace) -> int:
                 "text": "".join(pieces), "new_ids": stats.new_ids, "split": stats.split,
                 "codec": stats.codec, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
                 "tokens_per_s": round(stats.tokens_per_s, 2), "first_token_s": round(stats.first_token_s, 4),
-                "stop_reason": stats.stop_reason,
+                "stop_reason": stats.stop_reason, "steps": stats.steps, "drafted": stats.drafted,
+                "accepted": stats.accepted,
             }))
         else:
             where = "local" if client.local else f"split {stats.split}"
-            print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {where}, {stats.codec}]",
+            spec = (f", {stats.tokens_per_step:.1f} tokens per round trip, {stats.acceptance:.0%} of drafts kept"
+                    if stats.drafted else "")
+            print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {where}, {stats.codec}{spec}]",
                   file=sys.stderr)
     return 0
 

@@ -53,6 +53,8 @@ def status_line(client: SplitClient) -> str:
     stats = client.last_stats
     parts = [f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s", describe_placement(client.placement.sides),
              f"{offload_share(client):.0%} of the work kept off the server", f"codec {client.codec}"]
+    if stats.drafted:
+        parts.append(f"{stats.tokens_per_step:.1f} tokens per round trip ({stats.acceptance:.0%} of drafts kept)")
     link = client.link
     if link is not None and link.requests:
         if link.rtt_ms_ewma is not None:

@@ -162,13 +162,16 @@ def build_policies(
     work_per_token: Sequence[float] | None = None,
     kv_bytes_per_position: float | None = None,
     decode_work: Sequence[float] | None = None,
+    decode_rtt_ms: float | None = None,
 ) -> dict[str, Policy]:
     """Prefill and decode policies: the DP's placement for each uplink range.
 
     Server time is the measured time scaled by ``load_factor`` (queueing on a busy server).
     ``decode_work``, when given, is the server work of each unit for one decode step (a batching
     server passes the marginal milliseconds one more client adds at its occupancy); it replaces
-    ``work_per_token`` for the decode phase.
+    ``work_per_token`` for the decode phase. ``decode_rtt_ms`` (default ``rtt_ms``) is the round
+    trip a decode step is charged: less than a round trip when one yields several tokens
+    (speculative decoding).
     Server work, the quantity minimised, is ``work_per_token`` (e.g. the bundle's FLOPs per unit)
     times the positions run when given, so identical layers cost the same and measurement noise
     cannot steer the choice between them; otherwise the unscaled measured time. With
@@ -182,9 +185,10 @@ def build_policies(
     """
     grid = list(grid or bandwidth_grid())
     problems = {}
-    for phase, client, server, tokens, sla_ms in (
-        ("prefill", client_prefill_ms, server_prefill_ms, prompt_tokens, sla.ttft_ms),
-        ("decode", client_decode_ms, server_decode_ms, 1, sla.token_ms),
+    for phase, client, server, tokens, sla_ms, trip_ms in (
+        ("prefill", client_prefill_ms, server_prefill_ms, prompt_tokens, sla.ttft_ms, rtt_ms),
+        ("decode", client_decode_ms, server_decode_ms, 1, sla.token_ms,
+         rtt_ms if decode_rtt_ms is None else decode_rtt_ms),
     ):
         work = server if work_per_token is None else [w * tokens for w in work_per_token]
         if phase == "decode" and decode_work is not None:
@@ -194,7 +198,7 @@ def build_policies(
         problems[phase] = build_problem(
             client_ms=client, server_ms=[ms * load_factor for ms in server], server_work=work,
             hidden_size=hidden_size, tokens=tokens, codec=codec, uplink_bps=uplink_bps,
-            downlink_bps=downlink_bps, rtt_ms=rtt_ms, sla_ms=sla_ms,
+            downlink_bps=downlink_bps, rtt_ms=trip_ms, sla_ms=sla_ms,
         )
     if kv_bytes_per_position is not None and not kv_bytes_per_position >= 0:
         raise ConfigError(f"kv_bytes_per_position must be >= 0, got {kv_bytes_per_position}")

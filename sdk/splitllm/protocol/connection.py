@@ -276,15 +276,24 @@ class Remote:
     # ------------------------------------------------------------------ typed requests
 
     async def run(self, start: int, end: int, past_len: int, x: np.ndarray, want: str, params: SamplingParams,
-                  codec: str) -> wire.Result:
+                  codec: str, *, trim_to: int | None = None) -> wire.Result:
         """Run units [start, end) of this session on the server over ``x`` (ids (1, T) from unit 0,
-        else hidden (1, T, H)) after ``past_len`` cached positions; ``want`` "token", "hidden" or
-        "logits" (the last two come back encoded with ``codec``)."""
+        else hidden (1, T, H)) after ``past_len`` cached positions; ``want`` "token", "tokens",
+        "hidden" or "logits" (the last two come back encoded with ``codec``).
+
+        ``trim_to``: first cut the server's KV of every unit to that many positions, in the same
+        round trip (a Truncate pipelined before the Run), e.g. after rejected drafts.
+        """
         n_tokens = int(x.shape[1])
         msg = wire.Run(seq=self.next_seq(), start=start, end=end, past_len=past_len, n_tokens=n_tokens,
                        payload=encode_run_input(x, start, codec), want=want, temperature=params.temperature,
                        top_p=params.top_p, top_k=params.top_k, seed=params.seed, codec=codec)
-        reply = await self.request(msg)
+        if trim_to is None:
+            reply = await self.request(msg)
+        else:
+            trim = wire.Truncate(seq=self.next_seq(), start=0, end=self.welcome.num_units if self.welcome else end,
+                                 length=trim_to)
+            reply = (await self.request_many([trim, msg]))[1]
         if not isinstance(reply, wire.Result):
             raise FrameError(f"expected a Result, got {type(reply).__name__}")
         return reply

@@ -41,7 +41,9 @@ def _number(body: dict[str, Any], key: str, default: float | None, *, positive: 
 class PlanRequest:
     """What a client asks: its per-unit profile, its SLA, its codec, its prompt length and link.
 
-    ``downlink_bps`` defaults to the uplink (a symmetric link) when None.
+    ``downlink_bps`` defaults to the uplink (a symmetric link) when None. ``tokens_per_round_trip``:
+    how many tokens one decode round trip yields (above 1 with speculative decoding), so the
+    server charges each token that share of the round trip.
     """
 
     client_profile: Profile
@@ -51,6 +53,7 @@ class PlanRequest:
     uplink_bps: float = DEFAULT_UPLINK_BPS
     downlink_bps: float | None = None
     rtt_ms: float = DEFAULT_RTT_MS
+    tokens_per_round_trip: float = 1.0
 
     @property
     def downlink(self) -> float:
@@ -62,6 +65,7 @@ class PlanRequest:
             "sla": {"ttft_ms": self.sla.ttft_ms, "token_ms": self.sla.token_ms},
             "codec": self.codec, "prompt_tokens": self.prompt_tokens,
             "uplink_bps": self.uplink_bps, "downlink_bps": self.downlink, "rtt_ms": self.rtt_ms,
+            "tokens_per_round_trip": self.tokens_per_round_trip,
         }
 
     @classmethod
@@ -82,12 +86,16 @@ class PlanRequest:
                 or not 1 <= prompt_tokens <= MAX_PROMPT_TOKENS):
             raise ConfigError(f"plan request field 'prompt_tokens' must be an int in 1..{MAX_PROMPT_TOKENS}")
         uplink = _number(body, "uplink_bps", DEFAULT_UPLINK_BPS)
+        per_trip = _number(body, "tokens_per_round_trip", 1.0)
+        if per_trip < 1:
+            raise ConfigError(f"plan request field 'tokens_per_round_trip' must be >= 1, got {per_trip}")
         return cls(
             client_profile=profile,
             sla=PhaseSLA(_number(sla, "ttft_ms", None), _number(sla, "token_ms", None)),
             prompt_tokens=prompt_tokens, codec=codec, uplink_bps=uplink,
             downlink_bps=_number(body, "downlink_bps", uplink),
             rtt_ms=_number(body, "rtt_ms", DEFAULT_RTT_MS, positive=False),
+            tokens_per_round_trip=per_trip,
         )
 
 

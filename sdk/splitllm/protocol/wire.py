@@ -274,7 +274,9 @@ class Run(_Message):
     positions already in the KV of those units (the server checks it). ``payload`` is the codec's
     encoding of hidden states (1, n_tokens, H), or int32 little-endian token ids when start == 0.
     ``want`` picks the reply: hidden states, logits (both encoded with ``codec``) or a sampled token
-    (temperature 0 = greedy; ``seed`` is mixed with the position so sampling is reproducible).
+    (temperature 0 = greedy; ``seed`` is mixed with the position so sampling is reproducible), or
+    ``"tokens"``: the greedy token after *every* position, as int32 little-endian in the Result's
+    payload (speculative verification; temperature must be 0).
     """
 
     seq: int
@@ -283,7 +285,7 @@ class Run(_Message):
     past_len: int
     n_tokens: int = _f(lo=1)
     payload: bytes
-    want: str = _f(choices=("hidden", "token", "logits"))
+    want: str = _f(choices=("hidden", "token", "logits", "tokens"))
     temperature: float
     top_p: float = _f(lo=0.0, lo_open=True, hi=1.0)
     top_k: int
@@ -293,6 +295,8 @@ class Run(_Message):
     def _check_invariants(self) -> None:
         if self.start >= self.end:
             raise FrameError(f"Run needs start < end, got [{self.start}, {self.end})")
+        if self.want == "tokens" and self.temperature != 0:
+            raise FrameError("want='tokens' (speculative verification) is greedy: temperature must be 0")
         if self.start == 0 and len(self.payload) != 4 * self.n_tokens:
             raise FrameError(
                 f"Run from unit 0 carries {self.n_tokens} int32 token ids = {4 * self.n_tokens} bytes, "

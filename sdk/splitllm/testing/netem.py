@@ -370,9 +370,10 @@ class SlowLocalDevice(LocalDevice):
         self.base_profile = base_profile
         self.slept_s = 0.0  # extra device time emulated so far
 
-    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int) -> np.ndarray:
+    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
+                 all_logits: bool = False) -> np.ndarray:
         started = time.perf_counter()
-        out = super().run_sync(start, end, x, cache, past_len)
+        out = super().run_sync(start, end, x, cache, past_len, all_logits)
         if self.device_factor == 1.0 and self.base_profile is None:
             return out
         took_s = time.perf_counter() - started
