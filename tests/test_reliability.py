@@ -127,7 +127,9 @@ async def test_limits_answer_with_their_own_codes(tiny_export, start_server):
         assert isinstance(refused, wire.Error) and refused.code == "too_many_sessions"
         for w in (ws, ws2, ws3):
             await w.close()
-    await asyncio.sleep(1.0)  # let the rate bucket refill for the client below
+    # max_sessions=2: the client below needs the closed connections' sessions gone (each new
+    # connection has its own full rate bucket).
+    await _until(lambda: len(server.state.sessions) == 0)
     async with SplitClient(path, server.url, split=1, codec="fp32") as client:
         with pytest.raises(errors.TooManyTokens):
             async for _ in client.generate_ids(_ids(source), max_new_tokens=20, ignore_eos=True):
@@ -141,7 +143,8 @@ async def test_idle_sessions_are_closed_with_a_reason_and_freed(tiny_export, sta
         async for _ in client.generate_ids(_ids(source), max_new_tokens=3):
             pass
         assert server.state.sessions.kv_bytes() > 0
-        await asyncio.sleep(1.5)
+        # The reaper closes the connection, counts the eviction, then drops what is left, all in one turn.
+        await _until(lambda: server.state.sessions.evicted_total >= 1 and len(server.state.sessions) == 0)
         assert len(server.state.sessions) == 0
         assert server.state.sessions.kv_bytes() == 0
         assert server.state.sessions.evicted_total == 1
@@ -191,7 +194,7 @@ async def test_a_thousand_open_close_cycles_leak_nothing(tiny_export, start_serv
             assert isinstance(welcome, wire.Welcome)
             await ws.send_bytes(wire.pack(wire.Close(reason="bye")))
             await ws.close()
-        await asyncio.sleep(0.2)
+        await _until(lambda: len(server.state.sessions) == 0)
         async with http.get(server.url + "/metrics") as r:
             text = await r.text()
     assert "splitllm_sessions_active 0" in text
@@ -206,7 +209,7 @@ async def test_disconnect_frees_kv_and_shutdown_says_why(tiny_export, start_serv
         async for _ in client.generate_ids(_ids(source), max_new_tokens=3):
             pass
         assert server.state.sessions.kv_bytes() > 0
-    await asyncio.sleep(0.1)
+    await _until(lambda: server.state.sessions.kv_bytes() == 0)
     assert server.state.sessions.kv_bytes() == 0
     client = SplitClient(path, server.url, split=1, codec="fp32")
     await client.connect()
