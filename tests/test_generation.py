@@ -156,7 +156,8 @@ async def test_concurrent_clients_each_get_their_own_tokens(tiny_export, start_s
     refs = [reference_run(source.model, p, 11).tokens for p in prompts]
 
     async def one(i):
-        async with SplitClient(path, server.url, split=i % 4, codec="fp32") as client:
+        # No speculation: a verification's accepted tokens are the client's to count, not the server's.
+        async with SplitClient(path, server.url, split=i % 4, codec="fp32", speculate="off") as client:
             return await _generate(client, prompts[i], n=12)
 
     results = await asyncio.gather(*(one(i) for i in range(4)))
