@@ -67,12 +67,16 @@ class PolicyFollower:
         # neither triggers a re-plan nor becomes the length the next plan is made for.
         resized = (phase == "prefill" and tokens >= _MIN_PLANNED_PROMPT
                    and not 0.5 <= tokens / self._prompt_tokens <= 2.0)
-        plan = self.policies[phase].plan_for(uplink)
-        if stale or resized or plan is None:
+        policies = self.policies
+        plan = policies[phase].plan_for(uplink) if policies is not None else None
+        if stale or resized or plan is None or policies is None:
             planned = tokens if phase == "prefill" and tokens >= _MIN_PLANNED_PROMPT else self._prompt_tokens
             await self.refresh(remote, codec, planned)
-            plan = self.policies[phase].plan_for(uplink)
-        ranges = self.policies[phase].ranges
+            policies = self.policies
+            if policies is None:
+                return None
+            plan = policies[phase].plan_for(uplink)
+        ranges = policies[phase].ranges
         if plan is None and ranges:  # still outside the new table: use its nearest end
             plan = ranges[-1].plan if uplink >= ranges[-1].hi_bps else ranges[0].plan
         if plan is None:

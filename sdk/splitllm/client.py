@@ -351,11 +351,13 @@ class SplitClient:
         conv = self.conversation
         gamma = 0
         rtt_ms = (self.link.rtt_ms_ewma or 0.0) if self.link is not None else 0.0
-        speculating = (self.speculation is not None and params.temperature == 0 and self.remote is not None
-                       and any(side == SERVER for side in self.placement.sides))
-        if speculating:
+        controller = self.speculation
+        if not (params.temperature == 0 and self.remote is not None
+                and any(side == SERVER for side in self.placement.sides)):
+            controller = None  # sampling, or nothing to save: every unit runs here
+        if controller is not None:
             room = self.max_context - len(conv.tokens) - 2  # positions for drafts after ``last``
-            gamma = max(0, min(self.speculation.gamma(rtt_ms), remaining - 1, room))
+            gamma = max(0, min(controller.gamma(rtt_ms), remaining - 1, room))
         stats.steps += 1
         drafts: list[int] = []
         began = time.perf_counter()
@@ -369,9 +371,9 @@ class SplitClient:
             stats.accepted += len(new) - 1
         else:
             new = [await conv.step([last], params)]
-        if speculating:
+        if controller is not None:
             verify_ms = max((time.perf_counter() - drafted) * 1e3 - rtt_ms, 0.0)
-            self.speculation.observe(len(drafts), len(new) - 1, (drafted - began) * 1e3, verify_ms)
+            controller.observe(len(drafts), len(new) - 1, (drafted - began) * 1e3, verify_ms)
         return new
 
     def _draft(self, context: list[int], gamma: int) -> list[int]:

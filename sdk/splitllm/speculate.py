@@ -172,6 +172,8 @@ class GammaController:
         return best
 
     def _best(self, rtt_ms: float) -> int:
+        if self.draft_ms is None or self.verify_ms is None:
+            return 0
         p = min(max(self.acceptance, 0.0), 0.99)
         best_g, best_rate = 0, 1.0 / (rtt_ms + self.verify_ms)
         for g in range(1, self.max_gamma + 1):
@@ -183,8 +185,7 @@ class GammaController:
 
     def tokens_per_round(self, rtt_ms: float) -> float:
         """Tokens a round trip is expected to yield at the gamma :meth:`gamma` would pick."""
-        g = self.fixed if self.fixed is not None else (self._best(rtt_ms) if self.draft_ms is not None
-                                                         and self.verify_ms is not None else 0)
+        g = self.fixed if self.fixed is not None else self._best(rtt_ms)
         p = min(max(self.acceptance, 0.0), 0.99)
         return (1 - p ** (g + 1)) / (1 - p)
 

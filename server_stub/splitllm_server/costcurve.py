@@ -117,8 +117,10 @@ def load_or_measure_curve(bundle: Bundle, variant: str, threads: int, max_batch:
     path = _cache_path(bundle, variant, threads, max_batch)
     try:
         data = json.loads(path.read_text())
-        return BatchCurve(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-    except (OSError, ValueError, TypeError):
+        return BatchCurve(str(data["bundle_id"]), str(data["variant"]), int(data["threads"]),
+                          tuple(int(b) for b in data["batches"]),
+                          *(tuple(float(v) for v in data[k]) for k in ("embed_ms", "layer_ms", "head_ms")))
+    except (OSError, ValueError, TypeError, KeyError):
         pass
     curve = measure_curve(bundle, variant, threads, max_batch, options)
     try:

@@ -83,7 +83,7 @@ class _Job:
     """One Run on its way through the server pieces of its range."""
 
     slot: int
-    kv: Any  # PooledKV or KVCache
+    kv: Any  # PooledKV or KVCache (same interface)
     msg: wire.Run
     x: np.ndarray  # the whole input: (T,) ids or (T, H) hidden
     pieces: list[tuple[int, int]]
@@ -308,7 +308,8 @@ class Engine:
         if not job.future.set_running_or_notify_cancel():
             return
         msg = job.msg
-        if self._open.get(job.slot) is not job.kv:
+        kv: Any = job.kv
+        if self._open.get(job.slot) is not kv:
             job.future.set_exception(SessionStateError("the session was closed before its step ran"))
             return
         try:
@@ -316,7 +317,7 @@ class Engine:
                 raise ContextTooLong(f"{msg.past_len} cached + {msg.n_tokens} new positions exceed the context "
                                      f"of {self.max_context}")
             for unit in range(max(msg.start, 1), min(msg.end, self.bundle.num_units - 1)):
-                have = job.kv.length(unit)
+                have = kv.length(unit)
                 if have != msg.past_len:
                     raise SessionStateError(f"unit {unit} holds {have} positions on the server, the request "
                                             f"says past_len={msg.past_len}")

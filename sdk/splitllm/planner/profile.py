@@ -99,6 +99,8 @@ def measure(
     prefill, decode = [], []
     for unit in range(bundle.num_units):
         seg = Segment(bundle, unit, unit + 1, last_logits_only=True, options=options, variant=variant)
+        x_prefill: np.ndarray
+        x_decode: np.ndarray
         if unit == 0:
             x_prefill = rng.integers(0, shapes.vocab_size, (1, prefill_tokens), dtype=np.int64)
             x_decode = x_prefill[:, :1]

@@ -332,7 +332,7 @@ class Policy:
         raw = data["ranges"]
         if not isinstance(raw, list):
             raise InvalidProblem("policy.ranges must be a list")
-        ranges = []
+        ranges: list[PolicyRange] = []
         for i, item in enumerate(raw):
             where = f"policy.ranges[{i}]"
             if not isinstance(item, dict) or set(item) != {"lo_bps", "hi_bps", "plan"}:
