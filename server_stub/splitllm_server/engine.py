@@ -309,7 +309,7 @@ class Engine:
             return
         msg = job.msg
         kv: Any = job.kv
-        if self._open.get(job.slot) is not kv:
+        if job.slot not in self._open or self._open[job.slot] is not kv:
             job.future.set_exception(SessionStateError("the session was closed before its step ran"))
             return
         try:
