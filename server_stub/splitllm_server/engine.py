@@ -43,7 +43,14 @@ from typing import Any
 import numpy as np
 
 from splitllm import codec as codecs
-from splitllm.errors import ConfigError, ContextTooLong, SessionStateError, SplitLLMError, TooManySessions
+from splitllm.errors import (
+    ConfigError,
+    ContextTooLong,
+    RuntimeFailure,
+    SessionStateError,
+    SplitLLMError,
+    TooManySessions,
+)
 from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions
 from splitllm.model.sampling import SamplingParams, sample
@@ -278,10 +285,16 @@ class Engine:
                 self._incoming.clear()
             for fn, future in calls:
                 self._do_call(fn, future)
-            for job in incoming:
-                self._admit(job)
-            if self._jobs:
-                self._run_next()
+            try:
+                for job in incoming:
+                    self._admit(job)
+                if self._jobs:
+                    self._run_next()
+            except Exception:  # a bug of ours: fail the steps under way, keep the engine serving
+                log.exception("internal error in the engine; failing the steps under way")
+                error = RuntimeFailure("internal server error in the engine")
+                for job in list(self._jobs):
+                    self._fail(job, error)
 
     @staticmethod
     def _do_call(fn: Callable[[], Any], future: Future[Any]) -> None:
