@@ -30,8 +30,9 @@ class PolicyFollower:
     It moves down at once, since below its range a plan may miss its SLA.
     """
 
-    def __init__(self, sla: PhaseSLA, profile: Profile) -> None:
+    def __init__(self, sla: PhaseSLA, profile: Profile, algorithm: str = "dp") -> None:
         self.sla = sla
+        self.algorithm = algorithm
         self.profile = profile
         self.policies: dict[str, Policy] | None = None
         self._fetched_at = 0.0
@@ -46,7 +47,7 @@ class PolicyFollower:
         answer = await remote.plan(PlanRequest(
             client_profile=self.profile, sla=self.sla, prompt_tokens=max(1, prompt_tokens), codec=codec,
             uplink_bps=uplink, downlink_bps=uplink, rtt_ms=link.rtt_floor_ms,
-            tokens_per_round_trip=self.tokens_per_round_trip,
+            tokens_per_round_trip=self.tokens_per_round_trip, algorithm=self.algorithm,
         ))
         self.policies = answer.policies
         self._valid_s = answer.valid_s

@@ -206,13 +206,15 @@ class SplitClient:
         await self.conversation.prepare_empty()
 
     async def plan(self, *, ttft_ms: float, token_ms: float, prompt_tokens: int = 64,
-                   profile: Profile | None = None) -> dict[str, Policy]:
+                   profile: Profile | None = None, algorithm: str = "dp") -> dict[str, Policy]:
         """Follow the server's placement policy from now on, for this SLA.
 
         Measures (once, cached) how long each unit takes here, probes the link, and asks the
         server (POST /v1/plan) for the DP's placements per uplink range, for prefill and decode.
         Each request then picks the placement for the measured uplink; the client asks again when
         its bandwidth leaves the table or the policy is older than the server said it stays valid.
+        ``algorithm`` asks for a baseline's placements instead of the DP's ("greedy", "all-server",
+        "all-client"), planned from the same inputs, to compare policies.
         """
         remote = self.remote
         if remote is None:
@@ -225,7 +227,7 @@ class SplitClient:
             self.profile = await self.device.call(
                 lambda: load_or_measure(self.bundle, threads=threads, variant=self.weights))
         await remote.probe()
-        self.follower = PolicyFollower(sla, self.profile)
+        self.follower = PolicyFollower(sla, self.profile, algorithm)
         await self.follower.refresh(remote, self.codec, prompt_tokens)
         return self.policies or {}
 

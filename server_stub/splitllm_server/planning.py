@@ -126,6 +126,7 @@ async def plan_route(request: web.Request) -> web.Response:
             kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
             decode_work=costs.decode_work,
             decode_rtt_ms=req.rtt_ms / req.tokens_per_round_trip,
+            algorithm=req.algorithm,
         ))
     except SplitLLMError as exc:
         state.metrics.count_error(exc.code)

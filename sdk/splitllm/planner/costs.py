@@ -163,6 +163,7 @@ def build_policies(
     kv_bytes_per_position: float | None = None,
     decode_work: Sequence[float] | None = None,
     decode_rtt_ms: float | None = None,
+    algorithm: str = "dp",
 ) -> dict[str, Policy]:
     """Prefill and decode policies: the DP's placement for each uplink range.
 
@@ -171,7 +172,8 @@ def build_policies(
     server passes the marginal milliseconds one more client adds at its occupancy); it replaces
     ``work_per_token`` for the decode phase. ``decode_rtt_ms`` (default ``rtt_ms``) is the round
     trip a decode step is charged: less than a round trip when one yields several tokens
-    (speculative decoding).
+    (speculative decoding). ``algorithm`` other than "dp" ("greedy", "all-server", "all-client")
+    solves both phases with that baseline on the same problems, to compare policies.
     Server work, the quantity minimised, is ``work_per_token`` (e.g. the bundle's FLOPs per unit)
     times the positions run when given, so identical layers cost the same and measurement noise
     cannot steer the choice between them; otherwise the unscaled measured time. With
@@ -202,6 +204,8 @@ def build_policies(
         )
     if kv_bytes_per_position is not None and not kv_bytes_per_position >= 0:
         raise ConfigError(f"kv_bytes_per_position must be >= 0, got {kv_bytes_per_position}")
+    if algorithm != "dp":
+        return {phase: make_policy(problems[phase], grid, algorithm) for phase in ("prefill", "decode")}
     decode_plans: dict[float, Plan] = {}  # grid uplink -> the decode plan there, for the prefill's check
 
     def solve_decode(problem: Problem) -> Plan:

@@ -25,6 +25,7 @@ DEFAULT_RTT_MS = 1.0
 DEFAULT_VALID_S = 30.0
 MAX_PROMPT_TOKENS = 1 << 20
 PHASES = ("prefill", "decode")
+PLAN_ALGORITHMS = ("dp", "greedy", "all-server", "all-client")
 
 
 def _number(body: dict[str, Any], key: str, default: float | None, *, positive: bool = True) -> float:
@@ -43,7 +44,8 @@ class PlanRequest:
 
     ``downlink_bps`` defaults to the uplink (a symmetric link) when None. ``tokens_per_round_trip``:
     how many tokens one decode round trip yields (above 1 with speculative decoding), so the
-    server charges each token that share of the round trip.
+    server charges each token that share of the round trip. ``algorithm``: the paper's DP, or a
+    baseline ("greedy", "all-server", "all-client") solved on the same inputs, to compare them.
     """
 
     client_profile: Profile
@@ -54,6 +56,7 @@ class PlanRequest:
     downlink_bps: float | None = None
     rtt_ms: float = DEFAULT_RTT_MS
     tokens_per_round_trip: float = 1.0
+    algorithm: str = "dp"
 
     @property
     def downlink(self) -> float:
@@ -65,7 +68,7 @@ class PlanRequest:
             "sla": {"ttft_ms": self.sla.ttft_ms, "token_ms": self.sla.token_ms},
             "codec": self.codec, "prompt_tokens": self.prompt_tokens,
             "uplink_bps": self.uplink_bps, "downlink_bps": self.downlink, "rtt_ms": self.rtt_ms,
-            "tokens_per_round_trip": self.tokens_per_round_trip,
+            "tokens_per_round_trip": self.tokens_per_round_trip, "algorithm": self.algorithm,
         }
 
     @classmethod
@@ -87,6 +90,10 @@ class PlanRequest:
             raise ConfigError(f"plan request field 'prompt_tokens' must be an int in 1..{MAX_PROMPT_TOKENS}")
         uplink = _number(body, "uplink_bps", DEFAULT_UPLINK_BPS)
         per_trip = _number(body, "tokens_per_round_trip", 1.0)
+        algorithm = body.get("algorithm", "dp")
+        if algorithm not in PLAN_ALGORITHMS:
+            raise ConfigError(f"plan request field 'algorithm' must be one of {', '.join(PLAN_ALGORITHMS)}, "
+                              f"got {algorithm!r}")
         if per_trip < 1:
             raise ConfigError(f"plan request field 'tokens_per_round_trip' must be >= 1, got {per_trip}")
         return cls(
@@ -95,7 +102,7 @@ class PlanRequest:
             prompt_tokens=prompt_tokens, codec=codec, uplink_bps=uplink,
             downlink_bps=_number(body, "downlink_bps", uplink),
             rtt_ms=_number(body, "rtt_ms", DEFAULT_RTT_MS, positive=False),
-            tokens_per_round_trip=per_trip,
+            tokens_per_round_trip=per_trip, algorithm=algorithm,
         )
 
 
