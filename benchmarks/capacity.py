@@ -1,0 +1,285 @@
+"""Capacity: how many clients one server carries within their SLA, under all-server, greedy and the DP.
+
+Run: ``python benchmarks/capacity.py [--bundle bundles/smollm2] [--counts 2,4,6,8,10,12,16,20,24,32]
+[--tokens 32] [--policies all-server,greedy,dp] [--max-seconds 1200] [--plot capacity.png] [--seed 0]``
+
+A mixed population (live_workload's client classes: fiber, wifi, cable, LTE, 3G, rural, in that
+order and proportion) connects to one ``splitllm-server``, each client through its own emulated
+link, on an emulated device slower than this machine, with its own token and TTFT SLAs. For each
+policy the client count rises step by step; at each step every client connects, plans (DP or
+greedy, asked from the server with the same inputs: ``PlanRequest.algorithm``; all-server runs
+split 0 without a plan), warms up, then all generate ``--tokens`` tokens at once. A client is
+within its SLA when its median gap between tokens is within its token SLA and its first token
+within its TTFT SLA. Capacity = the largest count at which at least 95% of the clients are within.
+
+So that the measurement is about the server and not this 2-core machine:
+
+- the server runs on core 0 (one ORT thread, batching on) and the benchmark, every client and
+  every link on core 1 (``sched_setaffinity``);
+- devices are *phantoms*: a local run sleeps the time the client's device would take (this
+  machine's 1-thread profile x the device factor) and hands on zeros of the right shape instead
+  of computing (the server's work does not depend on the values, and token correctness is tested
+  elsewhere), so the clients' core only moves frames;
+- the report shows, per step, the server's utilisation (its compute seconds / wall time, from its
+  /metrics) and the benchmark process's CPU share of core 1.
+
+Prints a table per policy, ``--plot`` draws the curves (matplotlib), and the last line is JSON with
+``capacity`` per policy and ``dp_vs_all_server`` / ``dp_vs_greedy`` ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from live_workload import CLIENTS, ClientSpec
+
+from splitllm.client import SplitClient
+from splitllm.device import LocalDevice
+from splitllm.errors import SplitLLMError
+from splitllm.model.bundle import Bundle
+from splitllm.model.runtime import KVCache, RuntimeOptions
+from splitllm.planner.profile import Profile, load_or_measure
+from splitllm.testing import ShapedLink, scaled_profile, spawn_server, stop_server
+
+REPO = Path(__file__).resolve().parents[1]
+POLICIES = ("all-server", "greedy", "dp")
+TOPICS = ("the sea", "a robot", "bread", "mountains", "a violin", "rain", "chess", "the moon", "tea", "a bridge")
+WITHIN = 0.95  # the share of clients within SLA that a count must reach to count as carried
+
+
+class PhantomDevice(LocalDevice):
+    """A device that takes its profiled time (asleep) and returns zeros instead of computing.
+
+    Its KV cache still grows by the positions it "ran" (zeros, in preallocated buffers), so KV
+    moves at placement switches send what the protocol expects.
+    """
+
+    def __init__(self, bundle: Bundle, profile: Profile) -> None:
+        super().__init__(bundle, RuntimeOptions(intra_op_threads=1, allow_spinning=False))
+        self.profile = profile
+        self.slept_s = 0.0
+
+    async def load(self, start: int, end: int) -> None:
+        return None  # nothing to load: no session is ever built
+
+    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
+                 all_logits: bool = False) -> np.ndarray:
+        tokens = int(x.shape[1])
+        per_unit = self.profile.decode_ms if tokens == 1 else self.profile.scaled_prefill_ms(tokens)
+        for unit in range(max(start, 1), min(end, self.bundle.num_layers + 1)):
+            cache.buffers(unit, past_len + tokens)
+            cache._grown(unit, past_len + tokens)  # noqa: SLF001 - the positions it stands in for
+        delay_s = sum(per_unit[start:end]) / 1e3
+        time.sleep(delay_s)
+        self.slept_s += delay_s
+        shapes = self.bundle.shapes
+        if end == self.bundle.num_units:
+            return np.zeros((1, tokens if all_logits else 1, shapes.vocab_size), dtype=np.float32)
+        return np.zeros((1, tokens, shapes.hidden_size), dtype=np.float32)
+
+
+def _pin(cpu: int) -> None:
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+async def _metrics(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+            out[parts[0]] = float(parts[1])
+    return out
+
+
+def _compute_s(m: dict[str, float]) -> float:
+    for key in ("splitllm_compute_seconds_total", "splitllm_compute_seconds"):
+        if key in m:
+            return m[key]
+    return 0.0
+
+
+async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, base: Profile, bundle: Bundle,
+                   rng: random.Random) -> dict[str, Any]:
+    specs = [ClientSpec(c.name, c.uplink_bps, c.downlink_bps, c.rtt_ms, c.device_factor, c.token_ms * args.sla_scale,
+                        c.ttft_ms * args.sla_scale) for c in (CLIENTS[i % len(CLIENTS)] for i in range(count))]
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    links = [ShapedLink(host, int(port), uplink_bps=s.uplink_bps, downlink_bps=s.downlink_bps, rtt_ms=s.rtt_ms)
+             for s in specs]
+    clients: list[SplitClient] = []
+    errors: list[str] = []
+    ttft: list[float | None] = [None] * count
+    gaps: list[list[float]] = [[] for _ in range(count)]
+    tokens = 0
+    try:
+        for link in links:
+            await link.start()
+        for spec, link in zip(specs, links, strict=True):
+            device = PhantomDevice(bundle, scaled_profile(base, spec.device_factor))
+            clients.append(SplitClient(bundle, link.url, split=0, codec=args.codec, speculate="off", device=device,
+                                       fallback_local=False, failover_timeout_s=0))
+        await asyncio.gather(*(c.connect() for c in clients))
+        prompts = [f"Write about {rng.choice(TOPICS)}, part {i}." for i in range(count)]
+        ids = [c.text.encode_chat([{"role": "user", "content": p}]) for c, p in zip(clients, prompts, strict=True)]
+        if policy != "all-server":
+            await asyncio.gather(*(c.plan(ttft_ms=s.ttft_ms, token_ms=s.token_ms, prompt_tokens=len(i),
+                                          profile=c.device.profile, algorithm=policy)  # type: ignore[attr-defined]
+                                   for c, s, i in zip(clients, specs, ids, strict=True)))
+
+        async def warm(c: SplitClient) -> None:
+            async for _ in c.generate("Say hello.", max_new_tokens=4, ignore_eos=True):
+                pass
+
+        await asyncio.gather(*(warm(c) for c in clients))
+        before, cpu0, t0 = await _metrics(url), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+
+        async def one(i: int, c: SplitClient) -> None:
+            nonlocal tokens
+            started = last = time.perf_counter()
+            try:
+                async for piece in c.generate_ids(ids[i], max_new_tokens=args.tokens, ignore_eos=True):
+                    if piece.token_id < 0:
+                        continue
+                    now = time.perf_counter()
+                    if ttft[i] is None:
+                        ttft[i] = (now - started) * 1e3
+                    else:
+                        gaps[i].append((now - last) * 1e3)
+                    last = now
+                    tokens += 1
+            except SplitLLMError as exc:
+                errors.append(f"{specs[i].name}: {type(exc).__name__}: {exc}")
+
+        await asyncio.wait_for(asyncio.gather(*(one(i, c) for i, c in enumerate(clients))), args.step_seconds)
+        wall = time.perf_counter() - t0
+        after, cpu1 = await _metrics(url), resource.getrusage(resource.RUSAGE_SELF)
+    except (SplitLLMError, asyncio.TimeoutError) as exc:
+        errors.append(f"step: {type(exc).__name__}: {exc}")
+        wall, before, after, cpu0, cpu1 = 0.0, {}, {}, None, None
+    finally:
+        for c in clients:
+            await c.close()
+        for link in links:
+            await link.close()
+    within = []
+    per_client = []
+    for i, spec in enumerate(specs):
+        p50 = float(np.percentile(gaps[i], 50)) if gaps[i] else None
+        ok = p50 is not None and p50 <= spec.token_ms and ttft[i] is not None and ttft[i] <= spec.ttft_ms
+        within.append(ok)
+        per_client.append({"client": spec.name, "p50_ms": p50, "ttft_ms": ttft[i], "within": ok,
+                           "server_units": sum(s == "server" for s in clients[i].placement.sides)})
+    busy = _compute_s(after) - _compute_s(before) if after else 0.0
+    client_cpu = ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) if cpu0 and cpu1 else 0.0
+    return {"policy": policy, "clients": count, "within_sla": sum(within) / count, "errors": len(errors),
+            "error_samples": errors[:3], "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall if wall else 0.0, "server_ms_per_token": busy * 1e3 / tokens if tokens else None,
+            "server_utilisation": busy / wall if wall else None,
+            "client_core_share": client_cpu / wall if wall else None, "per_client": per_client}
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    bundle = Bundle.open(args.bundle)
+    base = load_or_measure(bundle, threads=1)  # this machine, 1 thread: the x1 device
+    rng = random.Random(args.seed)
+    proc, url = spawn_server(args.bundle, ["--threads", "1", "--segment-cache", "12", *args.server_args.split()],
+                             preexec_fn=(lambda: _pin(0)))
+    _pin(1)
+    deadline = time.monotonic() + args.max_seconds
+    steps: list[dict[str, Any]] = []
+    try:
+        for policy in args.policies:
+            below = 0
+            for count in args.counts:
+                if time.monotonic() > deadline:
+                    print(f"--max-seconds reached: stopping at {policy} x {count}", flush=True)
+                    break
+                res = await run_step(policy, count, args, url, base, bundle, rng)
+                steps.append(res)
+                print(f"{policy:10s} {count:3d} clients: {100 * res['within_sla']:5.1f}% within SLA, "
+                      f"{res['tok_s']:6.1f} tok/s, server {res['server_ms_per_token'] or 0:6.2f} ms/token, "
+                      f"server busy {100 * (res['server_utilisation'] or 0):5.1f}%, client core "
+                      f"{100 * (res['client_core_share'] or 0):5.1f}%, errors {res['errors']}", flush=True)
+                below = below + 1 if res["within_sla"] < WITHIN else 0
+                if below >= 2:
+                    break  # two counts in a row past capacity: the curve has turned
+    finally:
+        stop_server(proc)
+    capacity = {}
+    for policy in args.policies:
+        ok = [s["clients"] for s in steps if s["policy"] == policy and s["within_sla"] >= WITHIN and not s["errors"]]
+        capacity[policy] = max(ok) if ok else 0
+    ratio = lambda a, b: round(capacity[a] / capacity[b], 3) if capacity.get(b) else None  # noqa: E731
+    return {"capacity": capacity, "dp_vs_all_server": ratio("dp", "all-server") if "dp" in capacity else None,
+            "dp_vs_greedy": ratio("dp", "greedy") if "dp" in capacity else None,
+            "errors": sum(s["errors"] for s in steps), "steps": steps, "tokens": args.tokens, "codec": args.codec,
+            "seed": args.seed, "sla_scale": args.sla_scale}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for policy in report["capacity"]:
+        rows = [s for s in report["steps"] if s["policy"] == policy]
+        ax1.plot([r["clients"] for r in rows], [100 * r["within_sla"] for r in rows], marker="o", label=policy)
+        ax2.plot([r["clients"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=policy)
+    ax1.axhline(100 * WITHIN, color="grey", linestyle="--", linewidth=1)
+    ax1.set(xlabel="concurrent clients", ylabel="% of clients within SLA", title="Clients within SLA")
+    ax2.set(xlabel="concurrent clients", ylabel="tokens/s (all clients)", title="Aggregate throughput")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2")
+    p.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6, 8, 10, 12, 16, 20, 24, 32])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    p.add_argument("--codec", default="int8-block64")
+    p.add_argument("--max-seconds", type=float, default=1200.0, help="whole run")
+    p.add_argument("--step-seconds", type=float, default=180.0, help="one step's generation")
+    p.add_argument("--server-args", default="", help="extra splitllm-server arguments")
+    p.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sla-scale", type=float, default=1.0,
+                   help="multiply every client class's SLAs (live_workload's) by this factor")
+    args = p.parse_args(argv)
+    if not (args.bundle / "manifest.json").is_file():
+        raise SystemExit(f"no bundle at {args.bundle}: splitllm-export -q -o {args.bundle}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report = asyncio.run(bench(args))
+    print("\ncapacity (clients within SLA at >= 95%): "
+          + ", ".join(f"{k} {v}" for k, v in report["capacity"].items())
+          + f"; DP / all-server {report['dp_vs_all_server']}, DP / greedy {report['dp_vs_greedy']}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"curves: {args.plot}")
+    print(json.dumps(report))
+    return 0 if report["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
