@@ -12,8 +12,8 @@ unmeasured setup: connect, plan and two short replies alone (loading sessions st
 others' bandwidth probes); then, with the server idle again, a fresh policy and one more short
 reply each, so policies cannot expire (30 s) mid-run and the server has composed its ranges.
 
-Policies: ``all-server`` (split 0), ``greedy`` (the planner's greedy baseline as a policy, from
-exactly the request and the server profile and load factor the DP got, followed by the same
+Policies: ``all-server`` (split 0), ``greedy`` (the planner's greedy baseline as a policy, solved
+by the server from exactly the inputs the DP gets: ``PlanRequest.algorithm``, followed by the same
 client machinery) and ``dp`` (``client.plan``). Measured: server busy seconds (delta of
 ``splitllm_compute_seconds_total``) per generated token; per client the gaps between streamed
 tokens against its token SLA (it *violates* when the p50 is above), steps above the SLA, first
@@ -44,8 +44,8 @@ import numpy as np
 from splitllm import Placement
 from splitllm.errors import ServerUnavailable, SplitLLMError
 from splitllm.model.bundle import Bundle
-from splitllm.planner import latency_ms, make_policy, server_work
-from splitllm.planner.costs import PhaseSLA, bandwidth_grid, build_problem
+from splitllm.planner import latency_ms, server_work
+from splitllm.planner.costs import build_problem
 from splitllm.planner.profile import Profile, load_or_measure
 from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
 from splitllm.testing.server import spawn
@@ -168,38 +168,16 @@ def describe(sides: tuple[str, ...]) -> str:
     return Placement(sides).compact() if sides else "-"
 
 
-def greedy_policies(body: dict[str, Any], answer: dict[str, Any], bundle: Bundle) -> dict[str, Any]:
-    """The greedy baseline's policies for the same inputs the server's DP answered.
-
-    Mirrors ``splitllm_server.planning.plan_route``: the client's profile and SLA from the
-    request, the server's profile (scaled by its load factor for latency, unscaled as work) from
-    the answer, the same codec, link and bandwidth grid.
-    """
-    client = Profile.from_dict(body["client_profile"], bundle.num_units)
-    server = Profile.from_dict(answer["server_profile"], bundle.num_units)
-    tokens, sla = int(body["prompt_tokens"]), PhaseSLA(body["sla"]["ttft_ms"], body["sla"]["token_ms"])
-    grid = bandwidth_grid(body["uplink_bps"] / 100, body["uplink_bps"] * 100)
-    link = {k: body[k] for k in ("uplink_bps", "downlink_bps", "rtt_ms")}
-    return {phase: make_policy(phase_problem(client, server, bundle, body["codec"], n, sla_ms=sla_ms,
-                                             load=float(answer["load_factor"]), **link), grid, "greedy").to_dict()
-            for phase, n, sla_ms in (("prefill", tokens, sla.ttft_ms), ("decode", None, sla.token_ms))}
-
-
 class BenchClient(SlowDevice):
-    """A SlowDevice whose ``plan()`` follows the greedy baseline instead of the DP when asked to."""
+    """A SlowDevice whose ``plan()`` asks the server for the greedy baseline instead of the DP when
+    told to: the server solves it from exactly the inputs the DP would get."""
 
     def __init__(self, *args: Any, algorithm: str = "dp", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if algorithm == "greedy":
-            post = self.remote.post_json
+        self.algorithm = algorithm
 
-            async def post_greedy(path: str, body: dict[str, Any]) -> dict[str, Any]:
-                answer = await post(path, body)
-                if path == "/v1/plan":
-                    answer = {**answer, "policy": greedy_policies(body, answer, self.bundle)}
-                return answer
-
-            self.remote.post_json = post_greedy  # type: ignore[method-assign]
+    async def plan(self, **kwargs: Any) -> Any:
+        return await super().plan(**kwargs, algorithm=self.algorithm)
 
 
 def _die_with_parent() -> None:
