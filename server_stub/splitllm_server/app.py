@@ -1,10 +1,19 @@
-"""The aiohttp application: create_app(config) builds it, the CLI or a test runs it."""
+"""The aiohttp application: create_app(config) builds it, the CLI or a test runs it.
+
+Routes: ``GET /healthz`` (liveness, no token needed; details only with the token or when the
+server has none), ``GET /readyz`` (no token; 503 until warm-up has finished and while
+draining), and, behind the bearer token, ``GET /metrics``, ``GET /v1/manifest``,
+``POST /v1/plan`` and the WebSocket ``GET /v1/session``. :func:`drain` is what SIGTERM runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -14,13 +23,17 @@ from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import RuntimeOptions
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
-from splitllm_server.handler import Connection
+from splitllm_server.handler import DRAIN_CLOSE_CODE, DRAIN_REASON, Connection
 from splitllm_server.planning import plan_route
 from splitllm_server.sessions import SessionStore
 from splitllm_server.state import ServerState
 
 STATE = web.AppKey("splitllm_state", ServerState)
 CONNECTIONS = web.AppKey("splitllm_connections", set)
+PER_ADDRESS = web.AppKey("splitllm_per_address", Counter)
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes of balancers and orchestrators: no token
+
+log = logging.getLogger("splitllm.server")
 
 
 def _bearer_ok(request: web.Request, token: str | None) -> bool:
@@ -34,7 +47,7 @@ def _bearer_ok(request: web.Request, token: str | None) -> bool:
 @web.middleware
 async def _auth(request: web.Request, handler):  # noqa: ANN001, ANN202
     state = request.app[STATE]
-    if request.path == "/v1/session":
+    if request.path == "/v1/session" or request.path in OPEN_PATHS:
         return await handler(request)  # the WebSocket may also authenticate in its Hello frame
     if not _bearer_ok(request, state.config.token):
         state.metrics.count_error("unauthorized")
@@ -44,10 +57,25 @@ async def _auth(request: web.Request, handler):  # noqa: ANN001, ANN202
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves HTTP. Without the token (when one is set) the
+    answer says only that; with it, what runs: model, weights, sessions, planner kernel."""
     state = request.app[STATE]
-    return web.json_response({"status": "ok", "model": state.bundle.model_id, "weights": state.engine.variant,
+    brief = {"status": "ok", "ready": state.ready, "draining": state.draining}
+    if not _bearer_ok(request, state.config.token):
+        return web.json_response(brief)
+    return web.json_response({**brief, "model": state.bundle.model_id, "weights": state.engine.variant,
                               "sessions": len(state.sessions), "planner_kernel": planner.kernel_status(),
                               "chunk_units": state.engine.chunk_units})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 once warm-up has finished, 503 before and while draining (a balancer
+    sends new sessions elsewhere)."""
+    state = request.app[STATE]
+    if state.ready:
+        return web.json_response({"status": "ready"})
+    status = "draining" if state.draining else "warming up"
+    return web.json_response({"status": status}, status=503, headers={"Retry-After": "1"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -60,32 +88,90 @@ async def manifest(request: web.Request) -> web.Response:
                               "manifest": state.bundle.manifest})
 
 
+def client_address(request: web.Request, trusted_proxies: tuple[str, ...]) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the last hop its
+    ``X-Forwarded-For`` names (the one the proxy itself appended)."""
+    peer = request.remote or "unknown"
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if peer in trusted_proxies and forwarded.strip():
+        return forwarded.split(",")[-1].strip() or peer
+    return peer
+
+
+def _refuse(state: ServerState, status: type[web.HTTPException], code: str, message: str) -> web.HTTPException:
+    state.metrics.count_error(code)
+    return status(text=f'{{"error": {{"code": "{code}", "message": "{message}"}}}}',
+                  content_type="application/json", headers={"Retry-After": "1"})
+
+
 async def session_ws(request: web.Request) -> web.WebSocketResponse:
     state = request.app[STATE]
     header_ok = _bearer_ok(request, state.config.token)
     if state.config.token is not None and "Authorization" in request.headers and not header_ok:
         state.metrics.count_error("unauthorized")
         raise web.HTTPUnauthorized(text='{"error": "unauthorized"}', content_type="application/json")
+    if state.draining:
+        raise _refuse(state, web.HTTPServiceUnavailable, "draining", "server draining; connect to another replica")
+    address = client_address(request, state.config.trusted_proxies)
+    per_address = request.app[PER_ADDRESS]
+    cap = state.config.max_conns_per_addr
+    if cap and per_address[address] >= cap:
+        raise _refuse(state, web.HTTPTooManyRequests, "too_many_connections",
+                      f"{address} already holds {cap} open connections (max_conns_per_addr)")
     # Frames up to twice the limit arrive and get a frame_too_large error; larger ones make
     # aiohttp close the connection (1009) without buffering them.
     ws = web.WebSocketResponse(max_msg_size=2 * state.config.max_frame_bytes, heartbeat=state.config.heartbeat_s)
-    await ws.prepare(request)
+    per_address[address] += 1
     conn = Connection(state, ws, header_token_ok=header_ok and state.config.token is not None)
-    request.app[CONNECTIONS].add(conn)
     try:
+        await ws.prepare(request)
+        request.app[CONNECTIONS].add(conn)
         await conn.serve()
     finally:
         request.app[CONNECTIONS].discard(conn)
+        per_address[address] -= 1
+        if per_address[address] <= 0:
+            del per_address[address]
     return ws
 
 
-async def _warm(engine: Engine, bundle: Bundle, splits: tuple[int, ...]) -> None:
-    for split in splits:
-        if 0 <= split <= bundle.num_layers:
-            start, end = bundle.split_range(split, "server")
-            await engine.warm_up(start, end, True)
-    # Then the planner's compiled kernel, so the first /v1/plan does not wait for numba.
-    await asyncio.get_running_loop().run_in_executor(None, planner.load_kernel)
+async def drain(app: web.Application, timeout_s: float | None = None) -> int:
+    """Graceful stop (SIGTERM): mark the server not ready and refuse new sessions; let each
+    connection finish the frame it is handling, then send it a Close ("server draining;
+    reconnect", WebSocket code 1012); after ``timeout_s`` (default: the config's
+    ``drain_timeout_s``) close the rest regardless. Returns how many connections were told.
+    The caller stops the listener first (the CLI does) and runs the app's cleanup after."""
+    state = app[STATE]
+    state.draining = True
+    timeout_s = state.config.drain_timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    told = 0
+    while app[CONNECTIONS]:
+        idle = [conn for conn in app[CONNECTIONS] if not conn.busy]
+        late = time.monotonic() >= deadline
+        for conn in (list(app[CONNECTIONS]) if late else idle):
+            app[CONNECTIONS].discard(conn)  # a busy one closes itself after its frame
+            await conn.close(DRAIN_REASON, DRAIN_CLOSE_CODE)
+            told += 1
+        if late:
+            break
+        await asyncio.sleep(0.02)
+    log.info("drained: %d connections told to reconnect", told)
+    return told
+
+
+async def _warm(state: ServerState, splits: tuple[int, ...]) -> None:
+    engine, bundle = state.engine, state.bundle
+    try:
+        for split in splits:
+            if 0 <= split <= bundle.num_layers:
+                start, end = bundle.split_range(split, "server")
+                await engine.warm_up(start, end, True)
+        # Then the planner's compiled kernel, so the first /v1/plan does not wait for numba.
+        await asyncio.get_running_loop().run_in_executor(None, planner.load_kernel)
+    except Exception:  # sessions load on first use anyway: serve, slower at first
+        log.exception("warm-up failed; segments will load on first use")
+    state.warm = True
 
 
 async def _reap_idle(app: web.Application) -> None:
@@ -108,18 +194,19 @@ def create_app(config: ServerConfig) -> web.Application:
     """The server application; the bundle and ORT sessions open in its startup context."""
     app = web.Application(middlewares=[_auth], client_max_size=1024 * 1024)
     app[CONNECTIONS] = set()
+    app[PER_ADDRESS] = Counter()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
         options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
         engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights,
                         chunk_units=config.chunk_units)
-        app[STATE] = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
+        app[STATE] = state = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
         reaper = asyncio.create_task(_reap_idle(app))
         # Load the suffix of the split clients use by default before the first one asks, so
         # its first token does not wait for a session to be built.
         splits = config.warm_splits if config.warm_splits is not None else (bundle.num_layers // 3,)
-        warm = asyncio.create_task(_warm(engine, bundle, splits))
+        warm = asyncio.create_task(_warm(state, splits))
         yield
         warm.cancel()
         reaper.cancel()
@@ -134,6 +221,7 @@ def create_app(config: ServerConfig) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(close_sockets)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/manifest", manifest)
     app.router.add_get("/v1/session", session_ws)

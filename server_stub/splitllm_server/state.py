@@ -36,6 +36,14 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     profile: Profile | None = None  # this server's per-unit timings, measured on first use
     profile_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Readiness (GET /readyz): warm once the default split's segments and the planner kernel are
+    # loaded; draining from SIGTERM until exit. Ready = warm and not draining.
+    warm: bool = False
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.warm and not self.draining
 
     @property
     def max_context(self) -> int:

@@ -1,0 +1,147 @@
+"""Operating a server: open health and readiness probes, the hardening limits, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+
+from splitllm import codec as codecs
+from splitllm.model.bundle import Bundle
+from splitllm.protocol import wire
+from splitllm_server.app import CONNECTIONS, PER_ADDRESS, drain
+from splitllm_server.handler import DRAIN_REASON
+
+
+def _ws_url(url: str) -> str:
+    return url.replace("http", "ws") + "/v1/session"
+
+
+def _hello(bundle: Bundle, token: str = "") -> bytes:
+    return wire.pack(wire.Hello(bundle_id=bundle.bundle_id, codec="fp32", client_name="ops-test",
+                                session_id="", token=token))
+
+
+async def _until_ready(http: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(600):
+        async with http.get(url + "/readyz") as r:
+            if r.status == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the server never became ready")
+
+
+async def test_probes_are_open_and_everything_else_needs_the_token(tiny_export, start_server):
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path, token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    async with aiohttp.ClientSession() as http:
+        await _until_ready(http, server.url)
+        async with http.get(server.url + "/healthz") as r:
+            assert r.status == 200
+            assert await r.json() == {"status": "ok", "ready": True, "draining": False}  # no details
+        async with http.get(server.url + "/healthz", headers=auth) as r:
+            assert (await r.json())["model"] == Bundle.open(path, verify=False).model_id
+        for method, route in (("GET", "/metrics"), ("GET", "/v1/manifest"), ("POST", "/v1/plan")):
+            async with http.request(method, server.url + route, json={}) as r:
+                assert r.status == 401, route
+            async with http.request(method, server.url + route, json={}, headers=auth) as r:
+                assert r.status != 401, route
+        ws = await http.ws_connect(_ws_url(server.url))  # the upgrade is allowed; the Hello must carry it
+        await ws.send_bytes(_hello(Bundle.open(path, verify=False), token="wrong"))
+        reply = wire.unpack((await ws.receive(timeout=30)).data)
+        assert isinstance(reply, wire.Error) and reply.code == "unauthorized" and reply.fatal
+        await ws.close()
+
+
+async def test_a_socket_without_hello_is_closed_at_the_handshake_deadline(tiny_export, start_server):
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path, handshake_timeout_s=0.3)
+    bundle = Bundle.open(path, verify=False)
+    async with aiohttp.ClientSession() as http:
+        silent = await http.ws_connect(_ws_url(server.url))
+        greeted = await http.ws_connect(_ws_url(server.url))
+        await greeted.send_bytes(_hello(bundle))
+        assert isinstance(wire.unpack((await greeted.receive(timeout=30)).data), wire.Welcome)
+        close = wire.unpack((await silent.receive(timeout=30)).data)
+        assert isinstance(close, wire.Close) and "no valid Hello within 0.3 s" in close.reason
+        end = await silent.receive(timeout=30)
+        assert end.type == aiohttp.WSMsgType.CLOSE and end.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+        # The greeted connection outlives the deadline and still answers.
+        await asyncio.sleep(0.5)
+        await greeted.send_bytes(wire.pack(wire.Ping(seq=1, sent_ms=0.0, pad=b"")))
+        assert isinstance(wire.unpack((await greeted.receive(timeout=30)).data), wire.Pong)
+        await greeted.close()
+    assert server.state.metrics.errors["handshake_timeout"] == 1
+
+
+async def test_open_connections_per_address_are_capped(tiny_export, start_server):
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path, max_conns_per_addr=2)
+    async with aiohttp.ClientSession() as http:
+        first = await http.ws_connect(_ws_url(server.url))
+        second = await http.ws_connect(_ws_url(server.url))
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(_ws_url(server.url))
+        assert refused.value.status == 429
+        await first.close()
+        for _ in range(100):  # the server counts the close once its handler has returned
+            if server.app[PER_ADDRESS].get("127.0.0.1", 0) < 2:
+                break
+            await asyncio.sleep(0.02)
+        third = await http.ws_connect(_ws_url(server.url))  # a freed place is usable again
+        await third.close()
+        await second.close()
+    assert server.state.metrics.errors["too_many_connections"] == 1
+
+
+async def test_forwarded_address_counts_only_from_a_trusted_proxy(tiny_export, start_server):
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path, max_conns_per_addr=1, trusted_proxies=("127.0.0.1",))
+    async with aiohttp.ClientSession() as http:
+        a = await http.ws_connect(_ws_url(server.url), headers={"X-Forwarded-For": "10.0.0.1"})
+        b = await http.ws_connect(_ws_url(server.url), headers={"X-Forwarded-For": "10.0.0.2"})
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(_ws_url(server.url), headers={"X-Forwarded-For": "spoof, 10.0.0.1"})
+        assert refused.value.status == 429
+        await a.close()
+        await b.close()
+
+
+async def test_drain_finishes_the_step_in_flight_then_says_reconnect(tiny_export, start_server):
+    path, _ = tiny_export("llama", layers=3)
+    bundle = Bundle.open(path, verify=False)
+    server = await start_server(path)
+    hidden = codecs.encode(np.ones((1, 4, bundle.shapes.hidden_size), np.float32), "fp32")
+    run = wire.Run(seq=1, start=2, end=bundle.num_units, past_len=0, n_tokens=4, payload=hidden, want="token",
+                   temperature=0.0, top_p=1.0, top_k=0, seed=0, codec="fp32")
+    async with aiohttp.ClientSession() as http:
+        await _until_ready(http, server.url)
+        busy = await http.ws_connect(_ws_url(server.url))
+        idle = await http.ws_connect(_ws_url(server.url))
+        for ws in (busy, idle):
+            await ws.send_bytes(_hello(bundle))
+            assert isinstance(wire.unpack((await ws.receive(timeout=30)).data), wire.Welcome)
+        await busy.send_bytes(wire.pack(run))
+        while not any(conn.busy for conn in server.app[CONNECTIONS]):
+            await asyncio.sleep(0)
+        drained = asyncio.create_task(drain(server.app, timeout_s=30))
+        await asyncio.sleep(0)
+        async with http.get(server.url + "/readyz") as r:
+            assert r.status == 503 and (await r.json())["status"] == "draining"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(_ws_url(server.url))
+        assert refused.value.status == 503
+        result = wire.unpack((await busy.receive(timeout=30)).data)
+        assert isinstance(result, wire.Result) and result.seq == 1 and result.token >= 0  # the step finished
+        for ws in (busy, idle):
+            close = wire.unpack((await ws.receive(timeout=30)).data)
+            assert isinstance(close, wire.Close) and close.reason == DRAIN_REASON
+            end = await ws.receive(timeout=30)
+            assert end.type == aiohttp.WSMsgType.CLOSE and end.data == aiohttp.WSCloseCode.SERVICE_RESTART
+        assert await drained in (1, 2)  # the idle one, and the busy one unless it closed itself after its step
+        async with http.get(server.url + "/healthz") as r:
+            assert (await r.json())["draining"] is True
+    assert len(server.state.sessions) == 0
