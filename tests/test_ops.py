@@ -145,3 +145,30 @@ async def test_drain_finishes_the_step_in_flight_then_says_reconnect(tiny_export
         async with http.get(server.url + "/healthz") as r:
             assert (await r.json())["draining"] is True
     assert len(server.state.sessions) == 0
+
+
+async def test_metrics_have_help_units_histograms_and_process_series(tiny_export, start_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from splitllm.client import SplitClient
+
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path, token="t")
+    async with SplitClient(path, server.url, token="t", split=1, codec="fp32") as client:
+        async for _ in client.generate_ids([1, 2, 3, 4], max_new_tokens=5, ignore_eos=True):
+            pass
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/metrics", headers={"Authorization": "Bearer t"}) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            text = await r.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert all(f.documentation for f in families.values()), [n for n, f in families.items() if not f.documentation]
+    samples = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    assert samples["splitllm_tokens_generated_total"] == server.state.metrics.tokens_out == 5
+    for name in ("splitllm_step_compute_seconds", "splitllm_queue_wait_seconds"):
+        assert families[name].type == "histogram" and samples[name + "_count"] == server.state.engine.runs
+    assert samples["splitllm_ttft_seconds_count"] == 1  # one prompt, answered with a token
+    assert samples["splitllm_batch_size_sequences_count"] == 0  # until the engine batches
+    assert samples["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in samples
+    server.state.metrics.observe_batch(3)
+    assert 'splitllm_batch_size_sequences_bucket{le="4.0"} 1.0' in server.state.metrics.exposition().decode()

@@ -24,6 +24,7 @@ from splitllm.model.runtime import RuntimeOptions
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.handler import DRAIN_CLOSE_CODE, DRAIN_REASON, Connection
+from splitllm_server.metrics import CONTENT_TYPE
 from splitllm_server.planning import plan_route
 from splitllm_server.sessions import SessionStore
 from splitllm_server.state import ServerState
@@ -79,7 +80,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[STATE].prometheus(), content_type="text/plain")
+    body = request.app[STATE].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def manifest(request: web.Request) -> web.Response:

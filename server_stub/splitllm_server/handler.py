@@ -54,6 +54,7 @@ class Connection:
         self._bucket_at = time.monotonic()
         self.busy = False  # inside on_frame: a drain waits for it before sending the Close
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._prompt_at: dict[int, float] = {}  # seq of a prompt Run -> arrival, for the TTFT histogram
 
     def take_step(self) -> None:
         rate = self.state.config.max_steps_per_s
@@ -81,7 +82,15 @@ class Connection:
 
     async def send(self, msg: wire.Message) -> None:
         data = wire.pack(msg)
-        self.state.metrics.bytes_out += len(data)
+        metrics = self.state.metrics
+        metrics.bytes_out += len(data)
+        if isinstance(msg, wire.Result):
+            metrics.observe_step(msg.server_ms / 1e3, msg.queue_ms / 1e3)
+            arrived = self._prompt_at.pop(msg.seq, None)
+            if arrived is not None and msg.token >= 0:
+                metrics.observe_ttft(time.perf_counter() - arrived)
+        elif isinstance(msg, wire.Error):
+            self._prompt_at.pop(msg.seq, None)
         await self.ws.send_bytes(data)
 
     def _handshake_expired(self) -> None:
@@ -133,6 +142,8 @@ class Connection:
                 raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the server's limit of {limit}")
             msg = wire.unpack(data, max_frame_bytes=limit)
             seq = getattr(msg, "seq", -1)
+            if isinstance(msg, wire.Run) and msg.n_tokens > 1 and msg.want == "token":
+                self._prompt_at[msg.seq] = time.perf_counter()  # its Result observes the TTFT
             if self.session is None:
                 if not isinstance(msg, wire.Hello):
                     raise FrameError(f"the first frame must be Hello, got {type(msg).__name__}")
