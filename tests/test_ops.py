@@ -172,3 +172,45 @@ async def test_metrics_have_help_units_histograms_and_process_series(tiny_export
     assert samples["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in samples
     server.state.metrics.observe_batch(3)
     assert 'splitllm_batch_size_sequences_bucket{le="4.0"} 1.0' in server.state.metrics.exposition().decode()
+
+
+async def test_providers_fall_back_to_cpu_with_a_warning_and_healthz_says_what_runs(tiny_export, start_server,
+                                                                                      caplog):
+    import onnxruntime as ort
+
+    from splitllm.client import SplitClient
+    from splitllm.model.runtime import PROVIDER_ALIASES
+
+    available = ort.get_available_providers()
+    missing = next(short for short in ("dml", "coreml", "nnapi", "cuda") if PROVIDER_ALIASES[short] not in available)
+    path, _ = tiny_export("llama", layers=3)
+    with caplog.at_level("WARNING", logger="splitllm.runtime"):
+        server = await start_server(path, providers=(missing, "cpu"))
+        async with SplitClient(path, server.url, split=1, codec="fp32") as client:
+            async for _ in client.generate_ids([1, 2, 3], max_new_tokens=2):
+                pass
+    assert any("not available" in r.getMessage() for r in caplog.records)
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/healthz") as r:
+        health = await r.json()
+    assert health["providers_requested"] == [missing, "cpu"]
+    assert health["providers"] == ["CPUExecutionProvider"]
+    assert health["session_providers"] == ["CPUExecutionProvider"]
+
+
+def test_make_session_takes_providers_in_order_and_refuses_unknown_names(tiny_export):
+    import onnxruntime as ort
+
+    from splitllm.errors import ConfigError
+    from splitllm.model.runtime import RuntimeOptions, make_session, resolve_providers
+
+    path, _ = tiny_export("llama", layers=3)
+    bundle = Bundle.open(path, verify=False)
+    session = make_session(bundle, 0, 2, options=RuntimeOptions(providers=("cpu",)))
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="unknown execution provider 'gpu'"):
+        resolve_providers(["gpu"])
+    assert resolve_providers(["CPUExecutionProvider", "cuda"])[-1] == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA provider here (needs onnxruntime-gpu and a GPU); the GPU check did not run")
+    session = make_session(bundle, 0, 2, options=RuntimeOptions(providers=("cuda",)))
+    assert session.get_providers()[0] == "CUDAExecutionProvider"

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from splitllm import planner
 from splitllm.model.bundle import Bundle
-from splitllm.model.runtime import RuntimeOptions
+from splitllm.model.runtime import RuntimeOptions, resolve_providers
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.handler import DRAIN_CLOSE_CODE, DRAIN_REASON, Connection
@@ -66,7 +66,19 @@ async def healthz(request: web.Request) -> web.Response:
         return web.json_response(brief)
     return web.json_response({**brief, "model": state.bundle.model_id, "weights": state.engine.variant,
                               "sessions": len(state.sessions), "planner_kernel": planner.kernel_status(),
-                              "chunk_units": state.engine.chunk_units})
+                              "chunk_units": state.engine.chunk_units,
+                              "providers_requested": list(state.config.providers), "providers": state.providers,
+                              "session_providers": _session_providers(state)})
+
+
+def _session_providers(state: ServerState) -> list[str]:
+    """The providers the loaded ORT sessions report (ORT's own word on what runs)."""
+    segments = getattr(state.engine, "_segments", {})  # noqa: SLF001 - read-only, for reporting
+    seen: dict[str, None] = {}
+    for segment in list(segments.values()):
+        for name in segment.session.get_providers():
+            seen.setdefault(name, None)
+    return list(seen)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -200,10 +212,13 @@ def create_app(config: ServerConfig) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         bundle = Bundle.open(config.bundle, verify=config.verify_bundle)
-        options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning)
+        options = RuntimeOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.allow_spinning,
+                                 providers=config.providers)
+        providers = resolve_providers(config.providers)  # warns once about any that is missing
         engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights,
                         chunk_units=config.chunk_units)
-        app[STATE] = state = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s))
+        app[STATE] = state = ServerState(config, bundle, engine, SessionStore(config.max_sessions, config.idle_ttl_s),
+                                         providers=providers)
         reaper = asyncio.create_task(_reap_idle(app))
         # Load the suffix of the split clients use by default before the first one asks, so
         # its first token does not wait for a session to be built.

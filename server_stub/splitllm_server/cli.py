@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="believe X-Forwarded-For from this peer address for the per-address cap (repeatable)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight steps get before every client is told to reconnect")
+    p.add_argument("--providers", default="cpu",
+                   help="ONNX Runtime execution providers in order, comma-separated (cuda, tensorrt, rocm, openvino, "
+                        "coreml, dml, ... or full ORT names); missing ones fall back to the next with a warning, "
+                        "CPU always last")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM): serve https/wss")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
     add_logging_args(p, default_level="warning")
@@ -83,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
         handshake_timeout_s=args.handshake_timeout, max_conns_per_addr=args.max_conns_per_addr,
         trusted_proxies=tuple(args.trusted_proxy), drain_timeout_s=args.drain_timeout,
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
         certfile=Path(args.certfile) if args.certfile else None,
         keyfile=Path(args.keyfile) if args.keyfile else None,
     )

@@ -36,6 +36,8 @@ class ServerConfig:
     last hop of ``X-Forwarded-For``, believed only from a peer in ``trusted_proxies``.
     ``drain_timeout_s``: on SIGTERM, how long in-flight steps get before every client is sent
     its Close ("server draining; reconnect") regardless.
+    ``providers``: ONNX Runtime execution providers in order of preference ("cuda", "openvino",
+    ... or full ORT names); unavailable ones are skipped with a warning, CPU is always last.
     """
 
     bundle: Path
@@ -63,6 +65,7 @@ class ServerConfig:
     max_conns_per_addr: int = 64
     trusted_proxies: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

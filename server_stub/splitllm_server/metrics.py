@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,14 +131,10 @@ class StateCollector:
         providers = GaugeMetricFamily("splitllm_execution_provider_info",
                                       "ONNX Runtime execution providers the server's sessions run on.",
                                       labels=["provider"])
-        for name in _providers(st):
+        for name in st.providers:
             providers.add_metric([name], 1.0)
         yield providers
 
     def describe(self) -> list[Any]:
         return []  # collected lazily: registering must not read a half-built state
 
-
-def _providers(state: Any) -> list[str]:
-    get: Callable[[], list[str]] | None = getattr(state.engine, "active_providers", None)
-    return list(get()) if callable(get) else ["CPUExecutionProvider"]
