@@ -214,3 +214,67 @@ def test_make_session_takes_providers_in_order_and_refuses_unknown_names(tiny_ex
         pytest.skip("no CUDA provider here (needs onnxruntime-gpu and a GPU); the GPU check did not run")
     session = make_session(bundle, 0, 2, options=RuntimeOptions(providers=("cuda",)))
     assert session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_every_cli_has_version_and_the_server_help_shows_every_default():
+    from splitllm import __version__
+
+    for module in ("splitllm.cli", "splitllm_server.cli", "splitllm_server.gateway", "splitllm_export.cli"):
+        r = _run("-m", module, "--version")
+        assert r.returncode == 0 and __version__ in r.stdout, (module, r.stderr)
+    from splitllm_server.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "version"):
+            assert action.help, action.option_strings
+    text = parser.format_help()
+    for flag, default in (("--handshake-timeout", "5.0"), ("--max-conns-per-addr", "64"),
+                          ("--drain-timeout", "30.0"), ("--max-sessions", "256"), ("--providers", "cpu")):
+        assert flag in text and f"(default: {default})" in " ".join(text.split()), flag
+
+
+def test_export_without_torch_names_the_extra_to_install(tmp_path):
+    script = ("import sys; sys.modules['torch'] = None; from splitllm_export.cli import main; "
+              f"sys.exit(main(['--tiny', 'llama', '-o', {str(tmp_path / 'b')!r}, '-q']))")
+    r = _run("-c", script)
+    assert r.returncode == 1, r.stderr
+    assert "pip install 'splitllm[export]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_takes_the_token_from_splitllm_token(tiny_export):
+    import subprocess
+    import sys
+
+    path, _ = tiny_export("llama", layers=3)
+    proc = subprocess.Popen([sys.executable, "-m", "splitllm_server.cli", "--bundle", str(path), "--port", "0",
+                             "--no-verify", "--token", "envtok"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split()[-1]
+        args = ("-m", "splitllm.cli", "generate", "--bundle", str(path), "--server", url, "--split", "1",
+                "--max-new-tokens", "2", "--json", "Hi")
+        refused = _run(*args)
+        assert refused.returncode == 1 and "token" in refused.stderr
+        ok = _run(*args, env={"SPLITLLM_TOKEN": "envtok"})
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0  # SIGTERM drains, then exits cleanly
+
+
+def test_log_format_json_prints_one_object_per_line():
+    import json
+
+    r = _run("-c", "import logging; from splitllm_server.logs import configure; configure('info', 'json'); "
+                   "logging.getLogger('splitllm.server').info('hello %s', 'there')")
+    entry = json.loads(r.stderr.strip().splitlines()[-1])
+    assert entry["message"] == "hello there" and entry["level"] == "info" and entry["logger"] == "splitllm.server"

@@ -36,6 +36,7 @@ from splitllm import codec as codecs
 from splitllm import errors
 from splitllm.model.bundle import Bundle
 from splitllm.stream import common_prefix
+from splitllm_server.logs import add_logging_args, configure
 
 if TYPE_CHECKING:  # the client pulls in onnxruntime; `splitllm info` should not pay for it
     from splitllm.client import GenerationStats, SplitClient
@@ -470,8 +471,11 @@ def _cmd_serve_openai(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``splitllm-gateway`` command line."""
+    from splitllm import __version__
+
     p = argparse.ArgumentParser(prog="splitllm-gateway",
                                 description="Serve an OpenAI-compatible API in front of a split server.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--bundle", required=True, help="bundle directory (the same one the server loaded)")
     p.add_argument("--server", required=True, help="split server URL, e.g. http://127.0.0.1:8765")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -484,13 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id reported to callers (default: the bundle's)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests served at once, one SplitClient (server session, KV cache) each (default 1)")
+    add_logging_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``splitllm-gateway``: exit code 0 on a clean stop, 1 on a configuration or listen error."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(args.log_level, args.log_format)
     try:
         return _cmd_serve_openai(args)
     except KeyboardInterrupt:
