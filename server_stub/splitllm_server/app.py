@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -149,24 +149,35 @@ async def session_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def drain(app: web.Application, timeout_s: float | None = None) -> int:
-    """Graceful stop (SIGTERM): mark the server not ready and refuse new sessions; let each
-    connection finish the frame it is handling, then send it a Close ("server draining;
-    reconnect", WebSocket code 1012); after ``timeout_s`` (default: the config's
-    ``drain_timeout_s``) close the rest regardless. Returns how many connections were told.
-    The caller stops the listener first (the CLI does) and runs the app's cleanup after."""
+async def drain(app: web.Application, timeout_s: float | None = None, grace_s: float | None = None,
+                stop_listening: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Graceful stop (SIGTERM): mark the server not ready (/readyz 503) and refuse new sessions;
+    wait ``grace_s`` (default: the config's ``drain_grace_s``) so a balancer's health checks see
+    it while current sessions carry on; call ``stop_listening`` (the CLI closes its listener);
+    then let each connection finish the frame it is handling and send it a Close ("server
+    draining; reconnect", WebSocket code 1012). After ``timeout_s`` (default: the config's
+    ``drain_timeout_s``) the rest are closed regardless. Returns how many connections were told.
+    The caller runs the app's cleanup after."""
     state = app[STATE]
     state.draining = True
     timeout_s = state.config.drain_timeout_s if timeout_s is None else timeout_s
+    grace_s = state.config.drain_grace_s if grace_s is None else grace_s
+    if grace_s > 0:
+        await asyncio.sleep(grace_s)
+    if stop_listening is not None:
+        await stop_listening()
+    state.closing = True
     deadline = time.monotonic() + timeout_s
     told = 0
     while app[CONNECTIONS]:
         idle = [conn for conn in app[CONNECTIONS] if not conn.busy]
         late = time.monotonic() >= deadline
-        for conn in (list(app[CONNECTIONS]) if late else idle):
+        closing = list(app[CONNECTIONS]) if late else idle
+        for conn in closing:
             app[CONNECTIONS].discard(conn)  # a busy one closes itself after its frame
-            await conn.close(DRAIN_REASON, DRAIN_CLOSE_CODE)
-            told += 1
+        # All at once: each close waits for its client's closing handshake.
+        await asyncio.gather(*(conn.close(DRAIN_REASON, DRAIN_CLOSE_CODE) for conn in closing))
+        told += len(closing)
         if late:
             break
         await asyncio.sleep(0.02)
@@ -175,17 +186,19 @@ async def drain(app: web.Application, timeout_s: float | None = None) -> int:
 
 
 async def _warm(state: ServerState, splits: tuple[int, ...]) -> None:
+    """Load the default split's segments, then mark the server ready (/readyz 200), then load the
+    planner's compiled kernel so the first /v1/plan does not wait for numba. Readiness does not
+    wait for the kernel: sessions do not need it, and its first compile can take a minute."""
     engine, bundle = state.engine, state.bundle
     try:
         for split in splits:
             if 0 <= split <= bundle.num_layers:
                 start, end = bundle.split_range(split, "server")
                 await engine.warm_up(start, end, True)
-        # Then the planner's compiled kernel, so the first /v1/plan does not wait for numba.
-        await asyncio.get_running_loop().run_in_executor(None, planner.load_kernel)
     except Exception:  # sessions load on first use anyway: serve, slower at first
         log.exception("warm-up failed; segments will load on first use")
     state.warm = True
+    await asyncio.get_running_loop().run_in_executor(None, planner.load_kernel)
 
 
 async def _reap_idle(app: web.Application) -> None:

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="believe X-Forwarded-For from this peer address for the per-address cap (repeatable)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight steps get before every client is told to reconnect")
+    p.add_argument("--drain-grace", type=float, default=0.0,
+                   help="on SIGTERM, seconds the server reports not ready (/readyz 503) while sessions go on, "
+                        "before it stops listening and tells clients to reconnect; behind a balancer use its "
+                        "check interval x fall count (deploy/haproxy.cfg: 2 s) plus a margin")
     p.add_argument("--providers", default="cpu",
                    help="ONNX Runtime execution providers in order, comma-separated (cuda, tensorrt, rocm, openvino, "
                         "coreml, dml, ... or full ORT names); missing ones fall back to the next with a warning, "
@@ -87,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
         handshake_timeout_s=args.handshake_timeout, max_conns_per_addr=args.max_conns_per_addr,
         trusted_proxies=tuple(args.trusted_proxy), drain_timeout_s=args.drain_timeout,
+        drain_grace_s=args.drain_grace,
         providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
         certfile=Path(args.certfile) if args.certfile else None,
         keyfile=Path(args.keyfile) if args.keyfile else None,
@@ -108,8 +113,8 @@ log = logging.getLogger("splitllm.server")
 
 
 async def serve(config: ServerConfig) -> None:
-    """Serve until a signal. SIGTERM drains (see :func:`splitllm_server.app.drain`): the listener
-    closes, /readyz turns 503, in-flight steps finish, every client gets a Close "server
+    """Serve until a signal. SIGTERM drains (see :func:`splitllm_server.app.drain`): /readyz
+    turns 503, after ``drain_grace_s`` the listener closes, in-flight steps finish, every client gets a Close "server
     draining; reconnect" within ``drain_timeout_s``, then the process exits. SIGINT, or a
     second SIGTERM, stops at once."""
     tls = ssl_context(config)
@@ -129,9 +134,10 @@ async def serve(config: ServerConfig) -> None:
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(draining.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if draining.is_set() and not stop.is_set():
-            log.warning("SIGTERM: draining (up to %g s)", config.drain_timeout_s)
-            await site.stop()  # new connections are refused: the balancer sends them elsewhere
-            drained = asyncio.ensure_future(drain(app))
+            log.warning("SIGTERM: draining (grace %g s, then up to %g s)", config.drain_grace_s,
+                        config.drain_timeout_s)
+            # After the grace period new connections are refused: the balancer sends them elsewhere.
+            drained = asyncio.ensure_future(drain(app, stop_listening=site.stop))
             await asyncio.wait([drained, waits[0]], return_when=asyncio.FIRST_COMPLETED)
             if drained.done():
                 print(f"drained {drained.result()} connections", flush=True)

@@ -35,7 +35,9 @@ class ServerConfig:
     client address (HTTP 429 on the upgrade; 0 = no cap); behind a balancer the address is the
     last hop of ``X-Forwarded-For``, believed only from a peer in ``trusted_proxies``.
     ``drain_timeout_s``: on SIGTERM, how long in-flight steps get before every client is sent
-    its Close ("server draining; reconnect") regardless.
+    its Close ("server draining; reconnect") regardless; ``drain_grace_s`` before that, the server
+    only reports not ready (and refuses new sessions) while current sessions go on, so a
+    balancer's health checks take it out first and clients' reconnects go straight to others.
     ``providers``: ONNX Runtime execution providers in order of preference ("cuda", "openvino",
     ... or full ORT names); unavailable ones are skipped with a warning, CPU is always last.
     """
@@ -65,6 +67,7 @@ class ServerConfig:
     max_conns_per_addr: int = 64
     trusted_proxies: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
+    drain_grace_s: float = 0.0
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
@@ -80,8 +83,9 @@ class ServerConfig:
             raise ConfigError(f"handshake_timeout_s must be > 0, got {self.handshake_timeout_s}")
         if self.max_conns_per_addr < 0:
             raise ConfigError(f"max_conns_per_addr must be >= 0 (0 = no cap), got {self.max_conns_per_addr}")
-        if self.drain_timeout_s < 0:
-            raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if self.drain_timeout_s < 0 or self.drain_grace_s < 0:
+            raise ConfigError(f"drain_timeout_s and drain_grace_s must be >= 0, got {self.drain_timeout_s}, "
+                              f"{self.drain_grace_s}")
         for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

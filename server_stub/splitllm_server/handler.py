@@ -115,7 +115,7 @@ class Connection:
                         self.busy = False
                     if not keep:
                         break
-                    if self.state.draining:  # the step is done: now tell the client to move
+                    if self.state.closing:  # draining and the step is done: now tell the client to move
                         await self.close(DRAIN_REASON, DRAIN_CLOSE_CODE)
                         break
                 elif frame.type == WSMsgType.TEXT:

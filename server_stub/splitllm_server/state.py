@@ -26,6 +26,7 @@ class ServerState:
     # loaded; draining from SIGTERM until exit. Ready = warm and not draining.
     warm: bool = False
     draining: bool = False
+    closing: bool = False  # drain past its grace period: connections close after their current frame
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])  # resolved at start
 
     @property
