@@ -278,3 +278,31 @@ def test_log_format_json_prints_one_object_per_line():
                    "logging.getLogger('splitllm.server').info('hello %s', 'there')")
     entry = json.loads(r.stderr.strip().splitlines()[-1])
     assert entry["message"] == "hello there" and entry["level"] == "info" and entry["logger"] == "splitllm.server"
+
+
+async def test_a_plan_frame_is_answered_on_the_session_like_post_v1_plan(tiny_export, start_server):
+    import json
+
+    from splitllm.planner.profile import measure
+
+    path, _ = tiny_export("llama", layers=3)
+    bundle = Bundle.open(path, verify=False)
+    server = await start_server(path)
+    body = {"client_profile": measure(bundle, repeats=1).to_dict(), "sla": {"ttft_ms": 1000, "token_ms": 100},
+            "codec": "fp16", "uplink_bps": 10e6, "rtt_ms": 5}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(server.url + "/v1/plan", json=body) as r:
+            over_http = await r.json()
+        ws = await http.ws_connect(_ws_url(server.url))
+        await ws.send_bytes(_hello(bundle))
+        assert isinstance(wire.unpack((await ws.receive(timeout=30)).data), wire.Welcome)
+        await ws.send_bytes(wire.pack(wire.Plan(seq=5, request=json.dumps(body).encode())))
+        reply = wire.unpack((await ws.receive(timeout=60)).data)
+        assert isinstance(reply, wire.PlanResult) and reply.seq == 5
+        over_ws = json.loads(reply.policy)
+        assert over_ws["policy"] == over_http["policy"] and set(over_ws) == set(over_http)
+        await ws.send_bytes(wire.pack(wire.Plan(seq=6, request=b"{nope")))
+        error = wire.unpack((await ws.receive(timeout=30)).data)
+        assert isinstance(error, wire.Error) and error.seq == 6 and not error.fatal and "JSON" in error.message
+        await ws.close()
+    assert server.state.metrics.plans == 2

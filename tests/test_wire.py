@@ -26,6 +26,8 @@ from splitllm.protocol.wire import (
     KVGet,
     KVPut,
     Ping,
+    Plan,
+    PlanResult,
     Pong,
     Result,
     Run,
@@ -69,6 +71,8 @@ SAMPLES: list[Any] = [
     Pong(seq=9, sent_ms=1.7e12, pad_len=4096),
     Error(seq=-1, code="bad_frame", message="nope", fatal=True),
     Close(reason="bye"),
+    Plan(seq=4, request=b'{"sla": {"ttft_ms": 100, "token_ms": 20}}'),
+    PlanResult(seq=4, policy=b'{"policy": {}}'),
 ]
 
 

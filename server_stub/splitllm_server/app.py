@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from splitllm import planner
+from splitllm.errors import SplitLLMError
 from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import RuntimeOptions, resolve_providers
 from splitllm_server.config import ServerConfig
 from splitllm_server.engine import Engine
 from splitllm_server.handler import DRAIN_CLOSE_CODE, DRAIN_REASON, Connection
 from splitllm_server.metrics import CONTENT_TYPE
-from splitllm_server.planning import plan_route
+from splitllm_server.planning import make_plan
 from splitllm_server.sessions import SessionStore
 from splitllm_server.state import ServerState
 
@@ -94,6 +95,17 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[STATE].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def plan_route(request: web.Request) -> web.Response:
+    """POST /v1/plan (a client behind a balancer should send the Plan frame on its session instead)."""
+    state = request.app[STATE]
+    try:
+        answer = await make_plan(state, await request.text())
+    except SplitLLMError as exc:
+        state.metrics.count_error(exc.code)
+        return web.json_response({"error": {"code": exc.code, "message": str(exc)}}, status=400)
+    return web.json_response(answer)
 
 
 async def manifest(request: web.Request) -> web.Response:

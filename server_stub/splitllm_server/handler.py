@@ -31,6 +31,7 @@ from splitllm.errors import (
 from splitllm.model.runtime import KVCache
 from splitllm.model.sampling import SamplingParams, sample
 from splitllm.protocol import wire
+from splitllm_server.planning import plan_frame
 from splitllm_server.state import ServerState
 
 log = logging.getLogger("splitllm.server")
@@ -164,6 +165,8 @@ class Connection:
                 await self.send(wire.Ack(seq=msg.seq))
             elif isinstance(msg, wire.KVGet):
                 await self.send(self.on_kv_get(msg))
+            elif isinstance(msg, wire.Plan):  # planned by the replica holding this session
+                await self.send(await plan_frame(self.state, msg))
             elif isinstance(msg, wire.Ping):
                 await self.send(wire.Pong(seq=msg.seq, sent_ms=msg.sent_ms, pad_len=len(msg.pad)))
             elif isinstance(msg, wire.Close):

@@ -1,4 +1,4 @@
-"""POST /v1/plan: the server's answer to "which layers should I run?" as a bandwidth policy.
+"""POST /v1/plan (and the Plan frame on a session): the server's answer to "which layers should I run?" as a bandwidth policy.
 
 The client sends its own per-unit profile, its SLA, its codec and its measured link; the server
 adds its own profile (measured once, cached) scaled by its current load, and returns the DP's
@@ -11,12 +11,11 @@ import asyncio
 import json
 from typing import Any
 
-from aiohttp import web
-
 from splitllm import codec as codecs
-from splitllm.errors import ConfigError, SplitLLMError
+from splitllm.errors import ConfigError
 from splitllm.planner.costs import PhaseSLA, bandwidth_grid, build_policies
 from splitllm.planner.profile import Profile, load_or_measure
+from splitllm.protocol import wire
 
 POLICY_VALID_S = 30.0
 _MAX_PROMPT_TOKENS = 1 << 20
@@ -80,40 +79,50 @@ def parse_request(body: Any, num_units: int) -> dict[str, Any]:
     }
 
 
-async def plan_route(request: web.Request) -> web.Response:
-    from splitllm_server.app import STATE
+MAX_PLAN_REQUEST_BYTES = 1024 * 1024  # as the HTTP body limit of POST /v1/plan
 
-    state = request.app[STATE]
+
+async def make_plan(state, text: str) -> dict[str, Any]:  # noqa: ANN001 - ServerState
+    """The plan for the JSON request ``text`` (the body of POST /v1/plan, or a Plan frame's).
+    Raises a SplitLLMError (ConfigError for a bad request)."""
     try:
-        try:
-            body = json.loads(await request.text(), parse_constant=_no_constants)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
-        req = parse_request(body, state.bundle.num_units)
-        server = await server_profile(state)
-        load = state.engine.load_factor()
-        client: Profile = req["profile"]
-        policies = await asyncio.get_running_loop().run_in_executor(None, lambda: build_policies(
-            client_prefill_ms=client.scaled_prefill_ms(req["prompt_tokens"]),
-            client_decode_ms=client.decode_ms,
-            server_prefill_ms=server.scaled_prefill_ms(req["prompt_tokens"]),
-            server_decode_ms=server.decode_ms,
-            load_factor=load, hidden_size=state.bundle.shapes.hidden_size,
-            prompt_tokens=req["prompt_tokens"], codec=req["codec"], uplink_bps=req["uplink_bps"],
-            downlink_bps=req["downlink_bps"], rtt_ms=req["rtt_ms"], sla=req["sla"],
-            # A table around the client's measured uplink: 100x either way, so it only has to
-            # ask again after a large change.
-            grid=bandwidth_grid(req["uplink_bps"] / 100, req["uplink_bps"] * 100),
-            work_per_token=_gflops_per_token(state.bundle),
-            kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
-        ))
-    except SplitLLMError as exc:
-        state.metrics.count_error(exc.code)
-        return web.json_response({"error": {"code": exc.code, "message": str(exc)}}, status=400)
+        body = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
+    req = parse_request(body, state.bundle.num_units)
+    server = await server_profile(state)
+    load = state.engine.load_factor()
+    client: Profile = req["profile"]
+    policies = await asyncio.get_running_loop().run_in_executor(None, lambda: build_policies(
+        client_prefill_ms=client.scaled_prefill_ms(req["prompt_tokens"]),
+        client_decode_ms=client.decode_ms,
+        server_prefill_ms=server.scaled_prefill_ms(req["prompt_tokens"]),
+        server_decode_ms=server.decode_ms,
+        load_factor=load, hidden_size=state.bundle.shapes.hidden_size,
+        prompt_tokens=req["prompt_tokens"], codec=req["codec"], uplink_bps=req["uplink_bps"],
+        downlink_bps=req["downlink_bps"], rtt_ms=req["rtt_ms"], sla=req["sla"],
+        # A table around the client's measured uplink: 100x either way, so it only has to
+        # ask again after a large change.
+        grid=bandwidth_grid(req["uplink_bps"] / 100, req["uplink_bps"] * 100),
+        work_per_token=_gflops_per_token(state.bundle),
+        kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
+    ))
     state.metrics.plans += 1
-    return web.json_response({
+    return {
         "policy": {phase: policy.to_dict() for phase, policy in policies.items()},
         "load_factor": load,
         "valid_s": POLICY_VALID_S,
         "server_profile": server.to_dict(),
-    })
+    }
+
+
+async def plan_frame(state, msg: wire.Plan) -> wire.PlanResult:  # noqa: ANN001 - ServerState
+    """Answer a Plan frame on the session that sent it (the replica that holds its KV)."""
+    if len(msg.request) > MAX_PLAN_REQUEST_BYTES:
+        raise ConfigError(f"plan request of {len(msg.request)} bytes exceeds {MAX_PLAN_REQUEST_BYTES}")
+    try:
+        text = msg.request.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the plan request is not UTF-8: {exc}") from exc
+    answer = await make_plan(state, text)
+    return wire.PlanResult(seq=msg.seq, policy=json.dumps(answer, separators=(",", ":")).encode())
