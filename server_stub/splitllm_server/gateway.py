@@ -33,7 +33,6 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from splitllm import codec as codecs
 from splitllm import errors
@@ -51,6 +50,7 @@ from splitllm_server.gateway_api import (
 )
 from splitllm_server.gateway_clients import DEFAULT_KEEPALIVE_S, DEFAULT_QUEUE_TIMEOUT_S, Gateway, generate
 from splitllm_server.logs import add_logging_args, configure
+from splitllm_server.metrics import CONTENT_TYPE, generate_latest
 
 if TYPE_CHECKING:  # the client pulls in onnxruntime; `splitllm info` should not pay for it
     from splitllm.client import GenerationStats
@@ -129,7 +129,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[_GATEWAY].metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _read_json(request: web.Request) -> object:

@@ -18,11 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.process_collector import ProcessCollector
-
 from splitllm import errors
-from splitllm_server.metrics import LATENCY_BUCKETS_S
+from splitllm_server.metrics import (
+    LATENCY_BUCKETS_S,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 
 if TYPE_CHECKING:
     from splitllm.client import GenerationStats

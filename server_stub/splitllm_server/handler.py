@@ -55,6 +55,7 @@ class Connection:
         self._bucket_at = time.monotonic()
         self.busy = False  # inside on_frame: a drain waits for it before sending the Close
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.Future[None] | None = None
         self._prompt_at: dict[int, float] = {}  # seq of a prompt Run -> arrival, for the TTFT histogram
 
     def take_step(self) -> None:
@@ -100,7 +101,9 @@ class Connection:
             timeout = self.state.config.handshake_timeout_s
             self.state.metrics.count_error("handshake_timeout")
             log.info("closing a WebSocket without a valid Hello after %g s", timeout)
-            asyncio.ensure_future(self.close(f"no valid Hello within {timeout:g} s", HANDSHAKE_CLOSE_CODE))
+            # Kept on the connection: the loop holds tasks only weakly.
+            self._expiry = asyncio.ensure_future(self.close(f"no valid Hello within {timeout:g} s",
+                                                            HANDSHAKE_CLOSE_CODE))
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

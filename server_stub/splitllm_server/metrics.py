@@ -12,20 +12,33 @@ Result sent, ``observe_ttft(seconds)`` for every prompt answered with a token.
 
 from __future__ import annotations
 
+import collections
 import resource
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.process_collector import ProcessCollector
+try:
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.process_collector import ProcessCollector
+except ModuleNotFoundError as exc:  # a device-only install: say which extra brings it
+    raise ModuleNotFoundError(f"splitllm-server and splitllm-gateway need {exc.name}: "
+                              "pip install 'splitllm[server]'", name=exc.name) from exc
 
 if TYPE_CHECKING:
     from splitllm_server.state import ServerState
 
-__all__ = ["CONTENT_TYPE", "Metrics", "StateCollector"]
+# The prometheus_client names the gateway uses come from here, so a missing package is reported once.
+__all__ = ["CONTENT_TYPE", "CollectorRegistry", "Counter", "Gauge", "Histogram", "Metrics", "ProcessCollector",
+           "StateCollector", "generate_latest"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from a 1 ms decode step on a small model to a 60 s prefill queued behind others.
@@ -42,7 +55,7 @@ class Metrics:
     tokens_in: int = 0
     tokens_out: int = 0
     plans: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry, repr=False)
 
     def __post_init__(self) -> None:
