@@ -258,6 +258,10 @@ def message(rng: random.Random, tag: str, m: Model) -> wire.Message:
     if tag == "error":
         return wire.Error(seq=rng.choice((-1, seq)), code=rng.choice(sorted(CODES)), message=_text(rng, 50),
                           fatal=rng.random() < 0.5)
+    if tag == "plan":
+        return wire.Plan(seq=seq, request=rng.choice((b"", b"{}", b'{"sla": 1}', rng.randbytes(20))))
+    if tag == "plan_result":
+        return wire.PlanResult(seq=seq, policy=rng.choice((b"{}", rng.randbytes(20))))
     return wire.Close(reason=_text(rng, 30))
 
 

@@ -43,9 +43,9 @@ async def test_token_is_required_and_checked(tiny_export, start_server):
         async with SplitClient(path, server.url, split=1):
             pass
     async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/healthz") as r:
+        async with http.get(server.url + "/metrics") as r:
             assert r.status == 401
-        async with http.get(server.url + "/healthz", headers={"Authorization": "Bearer s3cret"}) as r:
+        async with http.get(server.url + "/metrics", headers={"Authorization": "Bearer s3cret"}) as r:
             assert r.status == 200
     async with SplitClient(path, server.url, token="s3cret", split=1) as client:
         async for _ in client.generate_ids(_ids(source), max_new_tokens=3):

@@ -26,6 +26,8 @@ from splitllm.protocol.wire import (
     KVGet,
     KVPut,
     Ping,
+    Plan,
+    PlanResult,
     Pong,
     Result,
     Run,
@@ -69,6 +71,8 @@ SAMPLES: list[Any] = [
     Pong(seq=9, sent_ms=1.7e12, pad_len=4096),
     Error(seq=-1, code="bad_frame", message="nope", fatal=True),
     Close(reason="bye"),
+    Plan(seq=4, request=b'{"sla": {"ttft_ms": 100, "token_ms": 20}}'),
+    PlanResult(seq=4, policy=b'{"policy": {}}'),
 ]
 
 
@@ -214,7 +218,7 @@ BAD_FIELDS: list[tuple[type, str, Any, str]] = [
     (Run, "temperature", 2**60, "Run.temperature must be a finite float"),
     (Run, "top_p", 0.0, "Run.top_p must be a finite float > 0.0 and <= 1.0"),
     (Run, "top_p", 1.5, "Run.top_p must be a finite float > 0.0 and <= 1.0"),
-    (Run, "want", "tokens", "Run.want must be one of ['hidden', 'token', 'logits']"),
+    (Run, "want", "everything", "Run.want must be one of ['hidden', 'token', 'logits', 'tokens']"),
     (Run, "want", b"token", "Run.want must be one of"),
     (Run, "payload", "text", "Run.payload must be bytes, got str 'text'"),
     (Run, "payload", [1, 2], "Run.payload must be bytes"),
@@ -276,6 +280,7 @@ def test_big_bytes_are_not_put_in_error_messages() -> None:
         (lambda: run(start=5, end=5), r"Run needs start < end, got \[5, 5\)"),
         (lambda: run(start=0, end=2, n_tokens=2, payload=bytes(7)), "2 int32 token ids = 8 bytes, got 7"),
         (lambda: Truncate(seq=1, start=3, end=2, length=0), "Truncate needs start < end"),
+        (lambda: run(want="tokens", temperature=0.7), "want='tokens' .* is greedy: temperature must be 0"),
         (lambda: Result(seq=1, token=3, payload=b"x", server_ms=0, queue_ms=0), "either a token or a payload"),
         (
             lambda: Welcome(session_id="", server_name="", num_units=3, max_context=8, codecs=[],

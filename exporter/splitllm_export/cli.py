@@ -11,6 +11,8 @@ from pathlib import Path
 from splitllm.errors import SplitLLMError
 
 DEFAULT_OUTPUT = "bundles/smollm2"
+# What the exporter needs beyond the device install; a missing one means the extra is not installed.
+EXPORT_MODULES = frozenset({"torch", "transformers", "optimum", "onnx", "gguf", "accelerate", "onnxscript"})
 
 
 def _parse_splits(text: str) -> list[int] | None:
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export an LLM as a SplitLLM bundle: per-layer ONNX blocks that compose into any "
         "split, weights stored once, validated against transformers at every split.",
     )
+    from splitllm import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--builtin", metavar="NAME", help="a built-in model (default: smollm2)")
     src.add_argument("--gguf", metavar="PATH", help="a Llama- or GPT-2-family GGUF file")
@@ -102,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(bundle_summary(Bundle.open(path, verify=False)))
     except SplitLLMError as exc:
         print(f"splitllm-export: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        print(f"splitllm-export: error: the exporter needs {exc.name}, which is not installed (a device-only "
+              "install has no torch); install the export extra: pip install 'splitllm[export]'", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("splitllm-export: interrupted; nothing was written", file=sys.stderr)

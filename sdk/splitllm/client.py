@@ -55,6 +55,9 @@ class SplitClient:
     ``drafter``: ``"model"`` (the whole model here, in ``draft_weights``, by default the bundle's
     smallest variant), ``"ngram"`` (prompt lookup) or ``"auto"`` (a long n-gram match, else the
     model). See ``splitllm.speculate``.
+    ``providers``: ONNX Runtime execution providers for the local segments, tried in order
+    (e.g. ``["CoreML", "CPU"]``); an unavailable one is skipped with a logged warning and CPU
+    always comes last. :attr:`providers_in_use` says what actually runs.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class SplitClient:
         speculate: str | int = "auto",
         drafter: str = "auto",
         draft_weights: str | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(Path(bundle))
         self.weights = self.bundle.check_variant(weights)
@@ -90,7 +94,8 @@ class SplitClient:
         # ORT threads spin only while a run is under way (force_spinning_stop): fastest on a
         # quiet device, split or not; pass allow_spinning=False on a machine busy with other work.
         spinning = True if allow_spinning is None else allow_spinning
-        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
+        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning,
+                                      **({"providers": tuple(providers)} if providers else {}))
         if device is None:
             device = LocalDevice(self.bundle, self.options, self.weights)
         elif device.bundle is not self.bundle and device.bundle.bundle_id != self.bundle.bundle_id:
@@ -147,6 +152,13 @@ class SplitClient:
     @property
     def placements_used(self) -> int:
         return self.conversation.placements_used
+
+    @property
+    def providers_in_use(self) -> list[str]:
+        """The execution providers the loaded local segments run on (empty before any is loaded)."""
+        for seg in self.device.segments():
+            return list(seg.session.get_providers())
+        return []
 
     @property
     def link(self) -> LinkStats | None:

@@ -47,6 +47,10 @@ class LocalDevice:
             self._segments.pop(next(iter(self._segments)))
         return seg
 
+    def segments(self) -> list[Segment]:
+        """The segments loaded now, least recently used first."""
+        return list(self._segments.values())
+
     def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
                  all_logits: bool = False) -> np.ndarray:
         """Run units [start, end) over ``x`` (ids (1, T) from unit 0, else hidden (1, T, H)); on the

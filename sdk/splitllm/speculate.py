@@ -35,7 +35,7 @@ from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 __all__ = ["GammaController", "ModelDrafter", "NgramDrafter", "SpeculationStats", "parse_speculate"]
 
 MAX_GAMMA = 8
-_MIN_RTT_MS = 5.0  # below this, before anything was measured, a round trip costs less than drafting
+_MIN_RTT_MS = 10.0  # below this, before anything was measured, a round trip costs less than drafting
 _REPROBE_ROUNDS = 16
 _NGRAM_SIZES = (4, 3, 2)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from splitllm import __version__
 from splitllm.errors import ConfigError, SplitLLMError
 from splitllm.model.bundle import DEFAULT_VARIANT
-from splitllm_server.app import create_app
+from splitllm_server.app import STATE, create_app, drain
 from splitllm_server.config import (
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_CHUNK_UNITS,
@@ -24,18 +25,28 @@ from splitllm_server.config import (
     DEFAULT_PREFILL_CHUNK,
     ServerConfig,
 )
+from splitllm_server.logs import add_logging_args, configure
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="splitllm-server", description="Run the server side of split LLM inference.")
+    p = argparse.ArgumentParser(prog="splitllm-server", description="Run the server side of split LLM inference.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--bundle", required=True, help="bundle directory written by splitllm-export")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or env SPLITLLM_TOKEN)")
     p.add_argument("--token-file", default=None, help="read the bearer token from this file")
-    p.add_argument("--max-sessions", type=int, default=256)
-    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--max-context", type=int, default=None, help="cap on positions per session")
+    p.add_argument("--max-sessions", type=int, default=256, help="sessions held at once (too_many_sessions beyond)")
+    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024, help="largest WebSocket frame accepted")
+    p.add_argument("--max-context", type=int, default=None, help="cap on positions per session (default: the model's)")
     p.add_argument("--idle-ttl", type=float, default=600.0, help="seconds before an idle session is dropped")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--no-spinning", action="store_true", help="stop idle ORT threads from spinning")
@@ -54,12 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
     p.add_argument("--weights", default=DEFAULT_VARIANT,
-                   help="weights to run: fp32 (exact, default) or a variant the bundle has (fp16, int8, int4)")
+                   help="weights to run: fp32 (exact) or a variant the bundle has (fp16, int8, int4)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="decode steps in a row per session")
     p.add_argument("--max-steps-per-s", type=float, default=1000.0, help="requests per second per connection")
+    p.add_argument("--handshake-timeout", type=_positive_float, default=5.0,
+                   help="seconds a WebSocket gets to complete a valid Hello before it is closed (1008)")
+    p.add_argument("--max-conns-per-addr", type=int, default=64,
+                   help="open WebSockets per client address (HTTP 429 beyond; 0 = no cap)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDR",
+                   help="believe X-Forwarded-For from this peer address for the per-address cap (repeatable)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight steps get before every client is told to reconnect")
+    p.add_argument("--drain-grace", type=float, default=0.0,
+                   help="on SIGTERM, seconds the server reports not ready (/readyz 503) while sessions go on, "
+                        "before it stops listening and tells clients to reconnect; behind a balancer use its "
+                        "check interval x fall count (deploy/haproxy.cfg: 2 s) plus a margin")
+    p.add_argument("--providers", default="cpu",
+                   help="ONNX Runtime execution providers in order, comma-separated (cuda, tensorrt, rocm, openvino, "
+                        "coreml, dml, ... or full ORT names); missing ones fall back to the next with a warning, "
+                        "CPU always last")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM): serve https/wss")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_logging_args(p, default_level="warning")
+    p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level info")
     return p
 
 
@@ -77,6 +105,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, prefill_chunk=args.prefill_chunk, intra_op_threads=args.threads,
         allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify, weights=args.weights,
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
+        handshake_timeout_s=args.handshake_timeout, max_conns_per_addr=args.max_conns_per_addr,
+        trusted_proxies=tuple(args.trusted_proxy), drain_timeout_s=args.drain_timeout,
+        drain_grace_s=args.drain_grace,
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
         certfile=Path(args.certfile) if args.certfile else None,
         keyfile=Path(args.keyfile) if args.keyfile else None,
     )
@@ -93,28 +125,49 @@ def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+log = logging.getLogger("splitllm.server")
+
+
 async def serve(config: ServerConfig) -> None:
+    """Serve until a signal. SIGTERM drains (see :func:`splitllm_server.app.drain`): /readyz
+    turns 503, after ``drain_grace_s`` the listener closes, in-flight steps finish, every client gets a Close "server
+    draining; reconnect" within ``drain_timeout_s``, then the process exits. SIGINT, or a
+    second SIGTERM, stops at once."""
     tls = ssl_context(config)
-    runner = web.AppRunner(create_app(config), handle_signals=False)
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
     await site.start()
     sockets = site._server.sockets if site._server else []  # noqa: SLF001 - the only way to learn port 0's pick
     port = sockets[0].getsockname()[1] if sockets else config.port
     print(f"listening on {'https' if tls else 'http'}://{config.host}:{port}", flush=True)
-    stop = asyncio.Event()
+    stop, draining = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, lambda: (stop if draining.is_set() else draining).set())
     try:
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(draining.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if draining.is_set() and not stop.is_set():
+            log.warning("SIGTERM: draining (grace %g s, then up to %g s)", config.drain_grace_s,
+                        config.drain_timeout_s)
+            # After the grace period new connections are refused: the balancer sends them elsewhere.
+            drained = asyncio.ensure_future(drain(app, stop_listening=site.stop))
+            await asyncio.wait([drained, waits[0]], return_when=asyncio.FIRST_COMPLETED)
+            if drained.done():
+                print(f"drained {drained.result()} connections", flush=True)
+        for waiter in waits:
+            waiter.cancel()
     finally:
+        if STATE in app:
+            app[STATE].draining = True
         await runner.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    configure("info" if args.verbose and args.log_level == "warning" else args.log_level, args.log_format)
     try:
         asyncio.run(serve(config_from_args(args)))
     except SplitLLMError as exc:

@@ -37,6 +37,16 @@ class ServerConfig:
     (context_too_long), ``max_new_tokens`` decode steps in a row (too_many_tokens),
     ``max_steps_per_s`` requests per connection (rate_limited), ``idle_ttl_s`` (the session is
     closed with a Close frame and its KV freed). ``certfile``/``keyfile`` serve HTTPS and wss.
+    Hardening: ``handshake_timeout_s`` closes a WebSocket that has not completed a valid Hello in
+    that time (policy-violation close 1008); ``max_conns_per_addr`` caps the open WebSockets of one
+    client address (HTTP 429 on the upgrade; 0 = no cap); behind a balancer the address is the
+    last hop of ``X-Forwarded-For``, believed only from a peer in ``trusted_proxies``.
+    ``drain_timeout_s``: on SIGTERM, how long in-flight steps get before every client is sent
+    its Close ("server draining; reconnect") regardless; ``drain_grace_s`` before that, the server
+    only reports not ready (and refuses new sessions) while current sessions go on, so a
+    balancer's health checks take it out first and clients' reconnects go straight to others.
+    ``providers``: ONNX Runtime execution providers in order of preference ("cuda", "openvino",
+    ... or full ORT names); unavailable ones are skipped with a warning, CPU is always last.
     """
 
     bundle: Path
@@ -63,6 +73,12 @@ class ServerConfig:
     weights: str = DEFAULT_VARIANT
     heartbeat_s: float = 30.0
     server_name: str = "splitllm-server"
+    handshake_timeout_s: float = 5.0
+    max_conns_per_addr: int = 64
+    trusted_proxies: tuple[str, ...] = ()
+    drain_timeout_s: float = 30.0
+    drain_grace_s: float = 0.0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -73,6 +89,13 @@ class ServerConfig:
             raise ConfigError(f"max_steps_per_s must be > 0, got {self.max_steps_per_s}")
         if not self.heartbeat_s > 0:
             raise ConfigError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
+        if not self.handshake_timeout_s > 0:
+            raise ConfigError(f"handshake_timeout_s must be > 0, got {self.handshake_timeout_s}")
+        if self.max_conns_per_addr < 0:
+            raise ConfigError(f"max_conns_per_addr must be >= 0 (0 = no cap), got {self.max_conns_per_addr}")
+        if self.drain_timeout_s < 0 or self.drain_grace_s < 0:
+            raise ConfigError(f"drain_timeout_s and drain_grace_s must be >= 0, got {self.drain_timeout_s}, "
+                              f"{self.drain_grace_s}")
         for name in ("max_frame_bytes", "max_sessions", "segment_cache", "max_new_tokens", "max_batch", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -7,6 +7,7 @@ handshake is fatal.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -28,9 +29,16 @@ from splitllm.errors import (
 from splitllm.model.sampling import SamplingParams
 from splitllm.protocol import wire
 from splitllm.protocol.payload import check_shape
+from splitllm_server.planning import plan_frame
 from splitllm_server.state import ServerState
 
 log = logging.getLogger("splitllm.server")
+
+# What a draining server tells each client; the SDK treats any Close as a lost server and
+# reconnects (through the balancer: to another replica), replaying its conversation.
+DRAIN_REASON = "server draining; reconnect"
+DRAIN_CLOSE_CODE = WSCloseCode.SERVICE_RESTART  # 1012
+HANDSHAKE_CLOSE_CODE = WSCloseCode.POLICY_VIOLATION  # 1008
 
 
 class Connection:
@@ -43,6 +51,10 @@ class Connection:
         rate = state.config.max_steps_per_s
         self._bucket = rate  # token bucket: up to one second's worth of requests in a burst
         self._bucket_at = time.monotonic()
+        self.busy = False  # inside on_frame: a drain waits for it before sending the Close
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.Future[None] | None = None
+        self._prompt_at: dict[int, float] = {}  # seq of a prompt Run -> arrival, for the TTFT histogram
 
     def take_step(self) -> None:
         rate = self.state.config.max_steps_per_s
@@ -53,12 +65,15 @@ class Connection:
             raise RateLimited(f"more than {rate:g} requests per second on this connection")
         self._bucket -= 1
 
-    async def close(self, reason: str) -> None:
-        """Say why, then close (server shutdown, idle eviction)."""
+    async def close(self, reason: str, code: int = WSCloseCode.GOING_AWAY) -> None:
+        """Say why (a Close frame, then the WebSocket close ``code`` with the reason), then close:
+        shutdown and idle eviction 1001, drain 1012, handshake deadline 1008."""
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         if not self.ws.closed:
             try:
                 await self.send(wire.Close(reason=reason))
-                await self.ws.close(code=WSCloseCode.GOING_AWAY, message=reason.encode()[:120])
+                await self.ws.close(code=code, message=reason.encode()[:120])
             except (ConnectionError, RuntimeError):
                 pass
         if self.session is not None:
@@ -67,21 +82,50 @@ class Connection:
 
     async def send(self, msg: wire.Message) -> None:
         data = wire.pack(msg)
-        self.state.metrics.bytes_out += len(data)
+        metrics = self.state.metrics
+        metrics.bytes_out += len(data)
+        if isinstance(msg, wire.Result):
+            metrics.observe_step(msg.server_ms / 1e3, msg.queue_ms / 1e3)
+            arrived = self._prompt_at.pop(msg.seq, None)
+            if arrived is not None and msg.token >= 0:
+                metrics.observe_ttft(time.perf_counter() - arrived)
+        elif isinstance(msg, wire.Error):
+            self._prompt_at.pop(msg.seq, None)
         await self.ws.send_bytes(data)
 
+    def _handshake_expired(self) -> None:
+        """The handshake deadline passed: a connection still without a session is closed."""
+        if self.session is None and not self.busy and not self.ws.closed:
+            timeout = self.state.config.handshake_timeout_s
+            self.state.metrics.count_error("handshake_timeout")
+            log.info("closing a WebSocket without a valid Hello after %g s", timeout)
+            # Kept on the connection: the loop holds tasks only weakly.
+            self._expiry = asyncio.ensure_future(self.close(f"no valid Hello within {timeout:g} s",
+                                                            HANDSHAKE_CLOSE_CODE))
+
     async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(self.state.config.handshake_timeout_s, self._handshake_expired)
         try:
             async for frame in self.ws:
                 if frame.type == WSMsgType.BINARY:
                     self.state.metrics.bytes_in += len(frame.data)
-                    if not await self.on_frame(frame.data):
+                    self.busy = True
+                    try:
+                        keep = await self.on_frame(frame.data)
+                    finally:
+                        self.busy = False
+                    if not keep:
+                        break
+                    if self.state.closing:  # draining and the step is done: now tell the client to move
+                        await self.close(DRAIN_REASON, DRAIN_CLOSE_CODE)
                         break
                 elif frame.type == WSMsgType.TEXT:
                     await self.report(FrameError("text frames are not part of the protocol; send binary msgpack"))
                 elif frame.type == WSMsgType.ERROR:
                     break
         finally:
+            self._handshake_timer.cancel()
             if self.session is not None:
                 self.state.sessions.close(self.session.session_id)
                 self.session = None
@@ -100,6 +144,8 @@ class Connection:
                 raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the server's limit of {limit}")
             msg = wire.unpack(data, max_frame_bytes=limit)
             seq = getattr(msg, "seq", -1)
+            if isinstance(msg, wire.Run) and msg.n_tokens > 1 and msg.want == "token":
+                self._prompt_at[msg.seq] = time.perf_counter()  # its Result observes the TTFT
             if self.session is None:
                 if not isinstance(msg, wire.Hello):
                     raise FrameError(f"the first frame must be Hello, got {type(msg).__name__}")
@@ -124,6 +170,8 @@ class Connection:
             elif isinstance(msg, wire.KVGet):
                 self.check_layer_unit(msg.unit)
                 await self.send(await self.state.engine.call(self.kv_get, msg))
+            elif isinstance(msg, wire.Plan):  # planned by the replica holding this session
+                await self.send(await plan_frame(self.state, msg))
             elif isinstance(msg, wire.Ping):
                 await self.send(wire.Pong(seq=msg.seq, sent_ms=msg.sent_ms, pad_len=len(msg.pad)))
             elif isinstance(msg, wire.Close):
@@ -158,6 +206,8 @@ class Connection:
         state.sessions.check_room()
         slot, cache = await state.engine.open_session()
         self.session = state.sessions.open(slot, cache, hello.codec, hello.client_name)
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         await self.send(wire.Welcome(
             session_id=self.session.session_id,
             server_name=state.config.server_name,

@@ -144,5 +144,9 @@ class PieceCache:
     def __len__(self) -> int:
         return len(self._pieces)
 
+    def loaded(self) -> list[Piece]:
+        """The pieces loaded now (a snapshot, safe to read from another thread)."""
+        return list(self._pieces.values())
+
     def clear(self) -> None:
         self._pieces.clear()

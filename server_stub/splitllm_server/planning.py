@@ -1,4 +1,4 @@
-"""POST /v1/plan: the server's answer to "which layers should I run?" as a bandwidth policy.
+"""POST /v1/plan (and the Plan frame on a session): the server's answer to "which layers should I run?" as a bandwidth policy.
 
 The client sends a :class:`~splitllm.protocol.plan.PlanRequest` (its own per-unit profile, SLA,
 codec and measured link); the server adds its own profile (measured once, cached) scaled by its
@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from splitllm.errors import ConfigError, SplitLLMError
+from splitllm.errors import ConfigError
 from splitllm.model.bundle import Bundle
 from splitllm.planner.costs import bandwidth_grid, build_policies
 from splitllm.planner.profile import Profile, load_or_measure
+from splitllm.protocol import wire
 from splitllm.protocol.plan import PlanRequest, PlanResponse
 from splitllm_server.costcurve import BatchCurve, load_or_measure_curve
-from splitllm_server.state import STATE, ServerState
+from splitllm_server.state import ServerState
 
 POLICY_VALID_S = 30.0
 
@@ -100,38 +99,50 @@ def server_costs(state: ServerState, server: Profile, curve: BatchCurve | None, 
     )
 
 
-async def plan_route(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+MAX_PLAN_REQUEST_BYTES = 1024 * 1024  # as the HTTP body limit of POST /v1/plan
+
+
+async def make_plan(state: ServerState, text: str) -> dict[str, Any]:
+    """The plan for the JSON request ``text`` (the body of POST /v1/plan, or a Plan frame's), as
+    the JSON of a :class:`PlanResponse`. Raises a SplitLLMError (ConfigError for a bad request)."""
     try:
-        try:
-            body = json.loads(await request.text(), parse_constant=_no_constants)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
-        req = PlanRequest.from_json(body, state.bundle.num_units)
-        server = await server_profile(state)
-        costs = server_costs(state, server, await batch_curve(state), req.prompt_tokens)
-        client = req.client_profile
-        policies = await asyncio.get_running_loop().run_in_executor(None, lambda: build_policies(
-            client_prefill_ms=client.scaled_prefill_ms(req.prompt_tokens),
-            client_decode_ms=client.decode_ms,
-            server_prefill_ms=costs.prefill_ms,
-            server_decode_ms=costs.decode_ms,
-            load_factor=costs.load_factor, hidden_size=state.bundle.shapes.hidden_size,
-            prompt_tokens=req.prompt_tokens, codec=req.codec, uplink_bps=req.uplink_bps,
-            downlink_bps=req.downlink, rtt_ms=req.rtt_ms, sla=req.sla,
-            # A table around the client's measured uplink: 100x either way, so it only has to
-            # ask again after a large change.
-            grid=bandwidth_grid(req.uplink_bps / 100, req.uplink_bps * 100),
-            work_per_token=_gflops_per_token(state.bundle),
-            kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
-            decode_work=costs.decode_work,
-            decode_rtt_ms=req.rtt_ms / req.tokens_per_round_trip,
-            algorithm=req.algorithm,
-        ))
-    except SplitLLMError as exc:
-        state.metrics.count_error(exc.code)
-        return web.json_response({"error": {"code": exc.code, "message": str(exc)}}, status=400)
+        body = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
+    req = PlanRequest.from_json(body, state.bundle.num_units)
+    server = await server_profile(state)
+    costs = server_costs(state, server, await batch_curve(state), req.prompt_tokens)
+    client = req.client_profile
+    policies = await asyncio.get_running_loop().run_in_executor(None, lambda: build_policies(
+        client_prefill_ms=client.scaled_prefill_ms(req.prompt_tokens),
+        client_decode_ms=client.decode_ms,
+        server_prefill_ms=costs.prefill_ms,
+        server_decode_ms=costs.decode_ms,
+        load_factor=costs.load_factor, hidden_size=state.bundle.shapes.hidden_size,
+        prompt_tokens=req.prompt_tokens, codec=req.codec, uplink_bps=req.uplink_bps,
+        downlink_bps=req.downlink, rtt_ms=req.rtt_ms, sla=req.sla,
+        # A table around the client's measured uplink: 100x either way, so it only has to
+        # ask again after a large change.
+        grid=bandwidth_grid(req.uplink_bps / 100, req.uplink_bps * 100),
+        work_per_token=_gflops_per_token(state.bundle),
+        kv_bytes_per_position=state.bundle.shapes.kv_bytes_per_position,
+        decode_work=costs.decode_work,
+        decode_rtt_ms=req.rtt_ms / req.tokens_per_round_trip,
+        algorithm=req.algorithm,
+    ))
     state.metrics.plans += 1
     answer = PlanResponse(policies=policies, server_profile=server, load_factor=costs.load_factor,
                           valid_s=POLICY_VALID_S, extra=costs.extra)
-    return web.json_response(answer.to_json())
+    return answer.to_json()
+
+
+async def plan_frame(state: ServerState, msg: wire.Plan) -> wire.PlanResult:
+    """Answer a Plan frame on the session that sent it (the replica that holds its KV)."""
+    if len(msg.request) > MAX_PLAN_REQUEST_BYTES:
+        raise ConfigError(f"plan request of {len(msg.request)} bytes exceeds {MAX_PLAN_REQUEST_BYTES}")
+    try:
+        text = msg.request.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the plan request is not UTF-8: {exc}") from exc
+    answer = await make_plan(state, text)
+    return wire.PlanResult(seq=msg.seq, policy=json.dumps(answer, separators=(",", ":")).encode())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +63,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true", help="run every layer here; no server")
     p.add_argument("--split", type=int, default=None, help="layers run here (default: a third of them)")
     p.add_argument("--codec", default="int8-block64", help="activation codec (default int8-block64)")
-    p.add_argument("--token", default=None, help="bearer token of the server")
+    p.add_argument("--token", default=None, help="bearer token of the server (default: env SPLITLLM_TOKEN)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -79,8 +81,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def _make_client(args: argparse.Namespace):  # noqa: ANN202
     from splitllm.client import SplitClient
 
+    token = args.token or os.environ.get("SPLITLLM_TOKEN") or None
     speculate = args.speculate if args.speculate in ("auto", "off") else _int_arg("--speculate", args.speculate)
-    return SplitClient(args.bundle, None if args.local else args.server, token=args.token, split=args.split,
+    return SplitClient(args.bundle, None if args.local else args.server, token=token, split=args.split,
                        codec=args.codec, local=args.local, threads=args.threads, speculate=speculate,
                        drafter=args.drafter)
 
@@ -160,7 +163,12 @@ def _cmd_gateway_moved(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from splitllm import __version__
+
     parser = argparse.ArgumentParser(prog="splitllm", description="SplitLLM client: split LLM inference.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
+                        help="least severe log records printed to stderr (default: warning)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show a bundle's summary (verifies its hashes)")
     info.add_argument("--bundle", required=True)
@@ -190,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve-openai"]:  # whatever options follow: the command moved
-        return _cmd_gateway_moved(argparse.Namespace())
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # serve-openai's old options are only reported, not parsed
+    if extra and args.command != "serve-openai":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except SplitLLMError as exc:

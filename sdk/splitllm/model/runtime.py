@@ -14,6 +14,7 @@ cache still hands out exact-length views, so moving, truncating and sending it w
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from dataclasses import dataclass
@@ -28,7 +29,43 @@ from splitllm.model.bundle import DEFAULT_VARIANT
 if TYPE_CHECKING:
     from splitllm.model.bundle import Bundle, ModelShapes
 
-__all__ = ["KVCache", "RuntimeOptions", "Segment", "causal_mask", "make_session"]
+__all__ = ["KVCache", "RuntimeOptions", "Segment", "causal_mask", "make_session", "resolve_providers"]
+
+log = logging.getLogger("splitllm.runtime")
+CPU_PROVIDER = "CPUExecutionProvider"
+# Short names accepted for ONNX Runtime's execution providers (the full names work too).
+PROVIDER_ALIASES = {
+    "cpu": CPU_PROVIDER, "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider", "migraphx": "MIGraphXExecutionProvider", "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider", "directml": "DmlExecutionProvider", "nnapi": "NnapiExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider", "qnn": "QNNExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
+}
+_warned: set[str] = set()
+
+
+def resolve_providers(requested: tuple[str, ...] | list[str] | None) -> list[str]:
+    """The execution providers to create sessions with: ``requested`` in order (short names such
+    as ``cuda`` or full ORT names), without the ones this onnxruntime build does not have (a
+    warning is logged once for each), and always ending with the CPU provider, which runs any
+    node the others do not take. Unknown names raise ConfigError."""
+    available = ort.get_available_providers()
+    out: list[str] = []
+    for name in requested or (CPU_PROVIDER,):
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if not full.endswith("ExecutionProvider"):
+            raise ConfigError(f"unknown execution provider {name!r}; use one of {sorted(PROVIDER_ALIASES)} "
+                              "or a full ONNX Runtime name such as CUDAExecutionProvider")
+        if full not in available:
+            if full not in _warned:
+                _warned.add(full)
+                log.warning("execution provider %s is not available in this onnxruntime build (available: %s); "
+                            "falling back to the next one, then CPU", full, ", ".join(available))
+            continue
+        if full not in out:
+            out.append(full)
+    if CPU_PROVIDER in out:
+        out.remove(CPU_PROVIDER)
+    return [*out, CPU_PROVIDER]
 
 _NEG = np.float32(np.finfo(np.float32).min)
 
@@ -41,12 +78,16 @@ class RuntimeOptions:
     threads spinning for lower latency; turn it off when several sessions share few cores
     (several sessions spinning their pools on 2 cores starve each other). ``profile_prefix`` turns on
     ORT's profiler, writing ``<prefix>_<date>.json`` when ``session.end_profiling()`` is called.
+    ``providers``: ONNX Runtime execution providers to try in order (see :func:`resolve_providers`:
+    unavailable ones are skipped with a warning, CPU always comes last); ``session.get_providers()``
+    tells what a session actually got.
     """
 
     intra_op_threads: int = 0
     allow_spinning: bool = True
     optimization: str = "all"
     profile_prefix: str | None = None
+    providers: tuple[str, ...] = (CPU_PROVIDER,)
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -108,8 +149,9 @@ def make_session(
     graph = bundle.range_graph(start, end, last_logits_only=last_logits_only, variant=variant)
     so = options.session_options()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(bundle.path))
+    providers = resolve_providers(options.providers)
     try:
-        return ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(graph, so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise RuntimeFailure(f"ONNX Runtime could not load units [{start}, {end}) of {bundle.path}: {exc}") from exc
 

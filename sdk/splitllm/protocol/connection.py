@@ -12,6 +12,7 @@ Error frames become the splitllm.errors class the server named.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl as ssl_module
 import time
 from collections import deque
@@ -97,6 +98,7 @@ class Remote:
         # Requests sent and not answered yet, oldest first: the server answers in order.
         self._waiters: deque[tuple[int | None, asyncio.Future[tuple[wire.Message, int]]]] = deque()
         self._closed_reason: str | None = None  # why the server ended the session while no request waited
+        self._plan_over_http = False  # the server answered a Plan frame as unknown: use POST /v1/plan
 
     def _ws_url(self) -> str:
         if self.url.startswith("https://"):
@@ -225,6 +227,8 @@ class Remote:
             for future in futures:
                 if not future.done():
                     future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # mark it retrieved: the first error is raised, the rest are the same loss
             self._waiters = deque(w for w in self._waiters if not w[1].done())
         wall_ms = (time.perf_counter() - started) * 1e3
         replies = [reply for reply, _ in answered]
@@ -322,8 +326,27 @@ class Remote:
         return received
 
     async def plan(self, request: PlanRequest) -> PlanResponse:
-        """Ask the server for placement policies (``POST /v1/plan``)."""
-        return PlanResponse.from_json(await self.post_json("/v1/plan", request.to_json()))
+        """Ask the server for placement policies, on the session (a Plan frame), so the replica
+        holding this session plans with its own load whatever a balancer does with other requests.
+        A server that does not know Plan frames is asked with ``POST /v1/plan`` instead."""
+        body = request.to_json()
+        if not self._plan_over_http and self.connected:
+            frame = wire.Plan(seq=self.next_seq(), request=json.dumps(body).encode())
+            try:
+                reply = await self.request(frame)
+            except FrameError as exc:
+                if "plan" not in str(exc).lower():
+                    raise
+                self._plan_over_http = True  # an older server: unknown message type
+            else:
+                if not isinstance(reply, wire.PlanResult):
+                    raise FrameError(f"expected a PlanResult, got {type(reply).__name__}")
+                try:
+                    data = json.loads(reply.policy)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise FrameError(f"the server's plan answer is not JSON: {exc}") from exc
+                return PlanResponse.from_json(data)
+        return PlanResponse.from_json(await self.post_json("/v1/plan", body))
 
     async def probe(self, pad_bytes: int = 32768) -> tuple[float, float]:
         """Measure (rtt_ms, uplink_bps) with an empty Ping and a padded one."""

@@ -30,7 +30,8 @@ from splitllm.errors import FrameError, SplitLLMError, VersionMismatch, error_fr
 # fmt: off
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "MESSAGE_TYPES", "PROTOCOL_VERSION", "Message", "error_frame", "pack",
-    "raise_for_error", "unpack", "Ack", "Close", "Error", "Hello", "KVData", "KVGet", "KVPut", "Ping",
+    "raise_for_error", "unpack", "Ack", "Close", "Error", "Hello", "KVData", "KVGet", "KVPut", "Ping", "Plan",
+    "PlanResult",
     "Pong", "Result", "Run", "Truncate", "Welcome",
 ]
 # fmt: on
@@ -422,8 +423,31 @@ class Close(_Message):
     reason: str = _f(max_len=MAX_TEXT_LEN)
 
 
+@_message("plan")
+@dataclass(frozen=True)
+class Plan(_Message):
+    """Client → server: ask for a placement policy on this session, so the plan is made by (and
+    with the load of) the replica that holds the session, whatever a balancer does with other
+    requests. ``request`` is the UTF-8 JSON body of ``POST /v1/plan`` (at most 1 MiB). Answered
+    by PlanResult, or an Error frame (non-fatal) for a bad request."""
+
+    seq: int
+    request: bytes
+
+
+@_message("plan_result")
+@dataclass(frozen=True)
+class PlanResult(_Message):
+    """Server → client, the answer to Plan ``seq``: ``policy`` is the UTF-8 JSON that
+    ``POST /v1/plan`` answers (``policy``, ``load_factor``, ``valid_s``, ``server_profile``)."""
+
+    seq: int
+    policy: bytes
+
+
 Message: TypeAlias = (
     Hello | Welcome | Run | Result | Truncate | KVPut | KVGet | KVData | Ack | Ping | Pong | Error | Close
+    | Plan | PlanResult
 )
 
 
