@@ -242,3 +242,31 @@ async def test_tls_with_a_self_signed_certificate(tiny_export, tmp_path):
         assert time.monotonic() - started < 30
     finally:
         _kill(proc)
+
+
+async def test_a_full_server_is_asked_again_with_backoff_until_a_session_frees(tiny_export, start_server):
+    path, source = tiny_export("llama", layers=3)
+    server = await start_server(path, max_sessions=1)
+    first = SplitClient(path, server.url, split=1, codec="fp32")
+    await first.connect()
+    try:
+        hasty = SplitClient(path, server.url, split=1, codec="fp32", failover_timeout_s=0.3)
+        with pytest.raises(errors.TooManySessions):
+            await hasty.connect()  # retried for 0.3 s, then the server's own refusal
+        await hasty.close()
+        patient = SplitClient(path, server.url, split=1, codec="fp32", failover_timeout_s=30)
+        waiting = asyncio.create_task(patient.connect())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # still asking
+        await first.close()
+        await asyncio.wait_for(waiting, 30)
+        assert await _generate_tokens(patient, _ids(source), 4) == reference_run(source.model, _ids(source), 3).tokens
+        await patient.close()
+    finally:
+        await first.close()
+
+
+async def _generate_tokens(client: SplitClient, ids, n: int) -> list[int]:
+    async for _ in client.generate_ids(ids, max_new_tokens=n, ignore_eos=True):
+        pass
+    return client.last_stats.new_ids

@@ -182,8 +182,7 @@ class SplitClient:
 
     async def connect(self) -> None:
         """Open the server session (if any) and load the local segments of the current placement."""
-        if self.remote is not None and not self.remote.connected:
-            await self.remote.connect(self.bundle.bundle_id, self.codec)
+        await self.conversation.connect()
         for side, start, end in self.placement.runs:
             if side != SERVER:
                 await self.device.load(start, end)

@@ -247,6 +247,23 @@ class Conversation:
 
     # ------------------------------------------------------------------ failover
 
+    async def connect(self) -> None:
+        """Open the server session; a server refusing for load (TooManySessions) is asked again
+        with jittered backoff for up to ``failover_timeout_s``."""
+        if self.remote is None or self.remote.connected:
+            return
+        deadline = time.monotonic() + self.failover_timeout_s
+        delays = backoff_delays()
+        while True:
+            try:
+                await self.remote.connect(self.bundle.bundle_id, self.codec)
+                return
+            except TooManySessions:
+                delay_s = next(delays)
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                await asyncio.sleep(delay_s)
+
     async def _failover(self, params: SamplingParams) -> None:
         """Reconnect with jittered backoff and rebuild the server's KV by replaying the conversation.
 
