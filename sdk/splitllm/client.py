@@ -13,10 +13,11 @@ runs the local ranges, and a :class:`~splitllm.protocol.connection.Remote` talks
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl as ssl_module
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from splitllm import codec as codecs
@@ -94,8 +95,9 @@ class SplitClient:
         # ORT threads spin only while a run is under way (force_spinning_stop): fastest on a
         # quiet device, split or not; pass allow_spinning=False on a machine busy with other work.
         spinning = True if allow_spinning is None else allow_spinning
-        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning,
-                                      **({"providers": tuple(providers)} if providers else {}))
+        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
+        if providers:
+            self.options = dataclasses.replace(self.options, providers=tuple(providers))
         if device is None:
             device = LocalDevice(self.bundle, self.options, self.weights)
         elif device.bundle is not self.bundle and device.bundle.bundle_id != self.bundle.bundle_id:
@@ -279,7 +281,7 @@ class SplitClient:
         seed: int = 0,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
-    ) -> AsyncIterator[TokenPiece]:
+    ) -> AsyncGenerator[TokenPiece, None]:
         """Stream the reply to one user message (a str) or to a whole conversation (messages)."""
         async for piece in self.generate_ids(self._prompt_ids(prompt), max_new_tokens=max_new_tokens,
                                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -297,7 +299,7 @@ class SplitClient:
         seed: int = 0,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
-    ) -> AsyncIterator[TokenPiece]:
+    ) -> AsyncGenerator[TokenPiece, None]:
         """Stream tokens after ``prompt_ids``, reusing the KV of any prefix already processed.
 
         Stops at an end-of-turn token (unless ``ignore_eos``), at a ``stop`` string (the text
@@ -411,7 +413,7 @@ class ChatSession:
         self.client = client
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
-    async def send(self, text: str, **kwargs: object) -> AsyncIterator[TokenPiece]:
+    async def send(self, text: str, **kwargs: object) -> AsyncGenerator[TokenPiece, None]:
         """Add a user message and stream the assistant's reply (kwargs as in generate)."""
         self.messages.append({"role": "user", "content": text})
         reply: list[str] = []

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -30,7 +31,7 @@ from splitllm_server.planning import make_plan
 from splitllm_server.sessions import SessionStore
 from splitllm_server.state import STATE, ServerState
 
-CONNECTIONS = web.AppKey("splitllm_connections", set)
+CONNECTIONS: web.AppKey[Any] = web.AppKey("splitllm_connections")  # set[Connection]
 PER_ADDRESS = web.AppKey("splitllm_per_address", Counter)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes of balancers and orchestrators: no token
 

@@ -139,7 +139,7 @@ async def serve(config: ServerConfig) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
     await site.start()
-    sockets = site._server.sockets if site._server else []  # noqa: SLF001 - the only way to learn port 0's pick
+    sockets = site._server.sockets if site._server else []  # type: ignore[attr-defined]  # noqa: SLF001 - port 0's pick
     port = sockets[0].getsockname()[1] if sockets else config.port
     print(f"listening on {'https' if tls else 'http'}://{config.host}:{port}", flush=True)
     stop, draining = asyncio.Event(), asyncio.Event()

@@ -169,7 +169,7 @@ async def _complete(request: web.Request, req: GenRequest, id_prefix: str) -> we
             if req.stream:
                 response = await _stream(request, gateway, shape, pieces, stats_out, received)
             else:
-                texts = []
+                texts: list[str] = []
                 async for piece in pieces:
                     if not texts:
                         gateway.metrics.ttft_seconds.observe(time.perf_counter() - received)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -108,7 +108,7 @@ class Gateway:
 
 
 async def generate(gateway: Gateway, slot: Slot, ids: list[int], req: GenRequest,
-                    stats_out: list[GenerationStats]) -> AsyncIterator[str]:
+                    stats_out: list[GenerationStats]) -> AsyncGenerator[str, None]:
     """Stream the reply's text on the held ``slot``; appends the stats when done.
 
     A reused connection found lost before any text was yielded is retried once on a fresh client.

@@ -23,6 +23,7 @@ from splitllm.errors import (
     FrameError,
     FrameTooLarge,
     RateLimited,
+    SessionStateError,
     SplitLLMError,
     TooManyTokens,
 )
@@ -30,6 +31,7 @@ from splitllm.model.sampling import SamplingParams
 from splitllm.protocol import wire
 from splitllm.protocol.payload import check_shape
 from splitllm_server.planning import plan_frame
+from splitllm_server.sessions import ServerSession
 from splitllm_server.state import ServerState
 
 log = logging.getLogger("splitllm.server")
@@ -46,7 +48,7 @@ class Connection:
         self.state = state
         self.ws = ws
         self.header_token_ok = header_token_ok
-        self.session = None
+        self.session: ServerSession | None = None
         self.decode_steps = 0  # one-token Runs since the last prompt (multi-token Run) or Truncate
         rate = state.config.max_steps_per_s
         self._bucket = rate  # token bucket: up to one second's worth of requests in a burst
@@ -205,11 +207,11 @@ class Connection:
         codecs.get_codec(hello.codec)
         state.sessions.check_room()
         slot, cache = await state.engine.open_session()
-        self.session = state.sessions.open(slot, cache, hello.codec, hello.client_name)
+        session = self.session = state.sessions.open(slot, cache, hello.codec, hello.client_name)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         await self.send(wire.Welcome(
-            session_id=self.session.session_id,
+            session_id=session.session_id,
             server_name=state.config.server_name,
             num_units=state.bundle.num_units,
             max_context=state.max_context,
@@ -217,6 +219,13 @@ class Connection:
             max_frame_bytes=state.config.max_frame_bytes,
             kv_lens=[0] * state.bundle.num_units,
         ))
+
+    @property
+    def live(self) -> ServerSession:
+        """The session this connection opened (requests before the handshake never get here)."""
+        if self.session is None:
+            raise SessionStateError("no session: the first frame must be Hello")
+        return self.session
 
     def check_units(self, start: int, end: int) -> None:
         if end > self.state.bundle.num_units:
@@ -235,20 +244,20 @@ class Connection:
         check_shape("KVPut.value", msg.value, expected)
         key = codecs.decode(msg.key, max_elements=limit)
         value = codecs.decode(msg.value, max_elements=limit)
-        self.session.cache.set(msg.unit, key, value)
+        self.live.cache.set(msg.unit, key, value)
 
     def kv_get(self, msg: wire.KVGet) -> wire.KVData:
         """Hand a layer's KV to the client and forget it here (the layer moves to the client). Engine thread."""
-        key, value = self.session.cache.get(msg.unit)
+        key, value = self.live.cache.get(msg.unit)
         reply = wire.KVData(seq=msg.seq, unit=msg.unit, length=int(key.shape[2]),
                             key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32"))
-        self.session.cache.drop(range(msg.unit, msg.unit + 1))
+        self.live.cache.drop(range(msg.unit, msg.unit + 1))
         return reply
 
     async def on_run(self, msg: wire.Run) -> None:
         """Check the request against the protocol; the engine does the rest and builds the Result."""
         state = self.state
-        session = self.session
+        session = self.live
         self.check_units(msg.start, msg.end)
         num_units = state.bundle.num_units
         ends_with_head = msg.end == num_units
