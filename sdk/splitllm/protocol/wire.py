@@ -117,7 +117,7 @@ def _sized_check(where: str, tp: type, want: str, max_len: int, allowed: Callabl
     """str and bytes: the exact type, at most ``max_len`` long, and ``allowed(v)`` true."""
 
     def check(v: Any) -> Any:
-        if type(v) is not tp or len(v) > max_len or not allowed(v):
+        if type(v) is not tp or len(v) > max_len or not allowed(v):  # type: ignore[arg-type]  # exact type first
             _fail(where, want, v)
         return v
 
