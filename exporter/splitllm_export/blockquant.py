@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["quantize_asym", "quantize_sym8", "quantize_zp"]
+__all__ = ["dequantize_zp", "quantize_asym", "quantize_sym8", "quantize_zp"]
 
 def _by_block(w_kn: np.ndarray, block: int) -> np.ndarray:
     """(K, N) weight -> (N, K/block, block): the MatMulNBits layout, one row per output column."""
@@ -41,17 +41,21 @@ def quantize_asym(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, 
     return packed, d.astype(np.float32), (lo + 2 ** (bits - 1) * d).astype(np.float32)
 
 
-def quantize_zp(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_zp(w_kn: np.ndarray, block: int, bits: int,
+                importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric with an integer zero point: w ~ d * (q - z), q and z in 0..2**bits - 1.
 
     Per block, candidate scales (max - min) / (levels - 1 + delta) are tried, each with its best
     zero point and a least-squares refit of the scale for the codes it gives; the pair with the
     least squared error wins. On a Q4_1 GGUF (blocks m + d q) plain min/max rounding would shift
     every weight of a block by the same up-to-d/2; the search finds grids that fit better.
+    ``importance`` (K,), when given, weights each input row's squared error (E[A_k^2] of the
+    activations that multiply it), so the search favours the rows that move the output most.
     Returns (B packed as quantize_asym, d (N, K/block) float32, zero points packed two per byte
     low nibble first for 4 bits, (N, ceil(K/block / 2)) uint8; one per byte for 8 bits).
     """
     x = _by_block(w_kn, block).astype(np.float64)  # (N, nb, block)
+    weight = np.ones(x.shape[1:]) if importance is None else np.asarray(importance, np.float64).reshape(x.shape[1:])
     top = 2**bits - 1
     lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
     best_err = np.full(lo.shape, np.inf)
@@ -64,10 +68,10 @@ def quantize_zp(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np
         z = np.clip(np.rint(-lo / d), 0, top)
         q = np.clip(np.rint(x / d) + z, 0, top)
         c = q - z
-        denom = (c * c).sum(axis=-1, keepdims=True)
-        d_ls = np.where(denom > 0, (x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
+        denom = (weight * c * c).sum(axis=-1, keepdims=True)
+        d_ls = np.where(denom > 0, (weight * x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
         for scale in (d, d_ls):
-            err = ((scale * c - x) ** 2).sum(axis=-1, keepdims=True)
+            err = (weight * (scale * c - x) ** 2).sum(axis=-1, keepdims=True)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_d = np.where(better, scale, best_d)
@@ -83,3 +87,14 @@ def quantize_zp(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np
     else:
         packed, zp = q, z
     return packed, best_d[..., 0].astype(np.float32), np.ascontiguousarray(zp)
+
+
+def dequantize_zp(packed: np.ndarray, d: np.ndarray, zp: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The (K, N) float32 weight that quantize_zp's output stands for."""
+    n, nb = d.shape
+    if bits == 4:
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, nb, -1)
+        z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :nb]
+    else:
+        q, z = packed, zp
+    return np.ascontiguousarray(((q.astype(np.float32) - z[..., None]) * d[..., None]).reshape(n, k).T)

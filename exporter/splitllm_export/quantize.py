@@ -47,8 +47,9 @@ from onnx import TensorProto, helper, numpy_helper
 from splitllm.errors import ConfigError, ExportError
 from splitllm.model.bundle import ModelShapes
 from splitllm_export import fused
-from splitllm_export.blockquant import quantize_asym, quantize_sym8, quantize_zp
+from splitllm_export.blockquant import dequantize_zp, quantize_asym, quantize_sym8, quantize_zp
 from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore
+from splitllm_export.calibrate import InputStats, layer_input_stats, weight_key
 
 VARIANTS = ("fp16", "int8", "int4", "int4-q41")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -121,6 +122,7 @@ class _Rewriter(fused.GraphBuilder):
         self.load = load
         self._block_sums: dict[str, str] = {}
         self.stats = {"matmul": 0, "gather": 0, "kept": 0}
+        self.input_stats: dict[str, InputStats] = {}  # weight_key -> activation statistics (calibrate.py)
 
     def _weight(self, name: str) -> np.ndarray | None:
         """The float32 2-D initializer called ``name``, or None."""
@@ -153,8 +155,13 @@ class _Rewriter(fused.GraphBuilder):
             self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], [out], **dict(attrs, bits=8))
             return
         if self.scheme.layer_format == "zp":
-            q, d, zp = quantize_zp(w_kn, block, bits)
-            self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d), self._tensor(zp)], [out], **attrs)
+            stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
+            q, d, zp = quantize_zp(w_kn, block, bits, None if stats is None else stats.mean_square)
+            inputs = [a, self._tensor(q), self._tensor(d), self._tensor(zp)]
+            if stats is not None:  # the mean error E[A] @ (W - Wq), added back as the kernel's bias
+                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_zp(q, d, zp, k, bits))
+                inputs += ["", self._tensor(bias.astype(np.float32))]
+            self._node("MatMulNBits", inputs, [out], **attrs)
             return
         q, d, offsets = quantize_asym(w_kn, block, bits)
         main = self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], **attrs)
@@ -328,6 +335,9 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
     not_fused = "no model given" if model is None or family is None or shapes is None else fused.fusable(model, family)
     rotary = fused.rotary_tables(model, shapes) if not_fused is None and shapes is not None else None
     entry["fused_layers"] = not_fused is None
+    input_stats = layer_input_stats(model) if rotary is not None and scheme.layer_format == "zp" else {}
+    if input_stats:
+        entry["calibration"] = "activation statistics of 256 tokens the fp32 model sampled itself (calibrate.py)"
     if not_fused is not None:
         entry["not_fused_because"] = not_fused
     try:
@@ -338,6 +348,7 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
             if rotary is not None and index is not None and shapes is not None:
                 proto = fused.layer_proto(index, shapes, proto)
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
+                rewriter.input_stats = input_stats
                 fused.fused_layer(rewriter, model.model.layers[index], index, shapes, rotary, scheme.layer_bits)
                 inputs = [i.name for i in proto.graph.input]
                 rewriter.stats["matmul"] += 7  # q, k, v, o, gate, up, down: all rewritten, some merged
