@@ -379,3 +379,24 @@ def test_server_cli_passes_weights_and_refuses_a_bad_heartbeat():
     assert config_from_args(build_parser().parse_args(["--bundle", "b"])).weights == "fp32"
     with pytest.raises(errors.ConfigError, match="heartbeat_s"):
         ServerConfig(bundle=Path("b"), heartbeat_s=0)
+
+
+def test_int4_h4_quantises_the_head_copy_to_4_bits(tmp_path):
+    """int4-h4: the head's MatMulNBits reads 4-bit codes with zero points; the embedding keeps 8 bits."""
+    import onnx
+
+    from splitllm_export.export import export_bundle
+    from splitllm_export.sources import load_tiny
+
+    out = export_bundle(load_tiny("llama", num_layers=1, seed=2), tmp_path / "h4", splits=[0], show_progress=False,
+                        client_weights=["int4-h4", "int4"])
+    bundle = Bundle.open(out, verify=False)
+    entry = bundle.manifest["variants"]["int4-h4"]
+    head = onnx.load(str(out / entry["blocks"]["head"]["file"]), load_external_data=False).graph
+    kernels = [n for n in head.node if n.op_type == "MatMulNBits"]
+    assert kernels and all(next(a.i for a in n.attribute if a.name == "bits") == 4 and n.input[3] for n in kernels)
+    h4, int4 = entry["size_bytes"], bundle.manifest["variants"]["int4"]["size_bytes"]
+    assert h4 > int4  # the embedding's 8-bit copy stays, the head's 4-bit copy is extra
+    ids = quality_tokens(bundle, 16)[None, :]
+    logits = Segment(bundle, 0, bundle.num_units, variant="int4-h4").run(ids, KVCache(bundle.shapes), 0)
+    assert np.isfinite(logits).all()

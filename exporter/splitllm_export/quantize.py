@@ -14,6 +14,9 @@ Schemes (ONNX Runtime CPU kernels; see docs/bundle.md for the measurements behin
   builder makes, with an asymmetric zero point and a least-squares scale search per block
   instead of its symmetric rounding). On a Q4_1 GGUF this re-quantises the blocks: the float
   minimum ``m`` becomes a multiple of the scale, which costs accuracy (docs/benchmarks.md).
+- ``int4-h4``: int4, and the head's copy of the tied table 4-bit with zero points too (ONNX Runtime
+  GenAI's head is 4-bit): a third of the bytes a local decode step reads is the head, so this
+  is the fastest local variant, at more KL than int4 (the embedding lookup keeps 8 bits).
 - ``int4-q41`` (the faithful one): the same blocks stored the way llama.cpp's Q4_1 stores them:
   per block a scale ``d`` and a float minimum ``m``, ``w = d * q + m`` with q in 0..15. ORT's
   MatMulNBits has no fast path for a float offset (a float zero point is exact but takes a slow
@@ -51,7 +54,7 @@ from splitllm_export.blockquant import dequantize_zp, quantize_asym, quantize_sy
 from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore
 from splitllm_export.calibrate import InputStats, layer_input_stats, weight_key
 
-VARIANTS = ("fp16", "int8", "int4", "int4-q41")
+VARIANTS = ("fp16", "int8", "int4", "int4-h4", "int4-q41")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # MatMulNBits accuracy_level 4 quantises activations to int8 inside the kernel (as llama.cpp
 # does for its Q4/Q8 dot products): measured 2x faster per call than level 0 on this CPU.
@@ -75,11 +78,14 @@ class Scheme:
     block_size: int
     accuracy_level: int
     layer_format: str = "min"
+    head_bits: int = 8  # the head's copy of the tied table; the embedding Gather always reads 8 bits
 
     def describe(self) -> dict[str, Any]:
         text = {
             "int4": "decoder weights 4-bit with an integer zero point per block (MatMulNBits with zero points, "
                     "least-squares scale search); embedding/head table 8-bit symmetric per block",
+            "int4-h4": "as int4, and the head's copy of the embedding/head table 4-bit with zero points "
+                       "(the embedding lookup keeps its 8-bit copy)",
             "int4-q41": "decoder weights 4-bit with a float minimum per block (Q4_1-like, exact for a Q4_1 GGUF: "
                         "MatMulNBits + block-sum correction); embedding/head table 8-bit symmetric per block",
             "int8": "decoder weights 8-bit with a float minimum per block (MatMulNBits bits=8 + block-sum "
@@ -97,6 +103,8 @@ def scheme_for(name: str, block_size: int = 32, accuracy_level: int = ACCURACY_L
         raise ConfigError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
     if name == "int4":
         return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="zp")
+    if name == "int4-h4":
+        return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="zp", head_bits=4)
     if name == "int4-q41":
         return Scheme(name, 4, 8, block_size, accuracy_level)
     if name == "int8":
@@ -150,6 +158,10 @@ class _Rewriter(fused.GraphBuilder):
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if self.scheme.accuracy_level:
             attrs["accuracy_level"] = self.scheme.accuracy_level
+        if table and self.scheme.head_bits == 4:
+            q, d, zp = quantize_zp(w_kn, block, 4)
+            self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d), self._tensor(zp)], [out], **dict(attrs, bits=4))
+            return
         if table:
             q, d = quantize_sym8(w_kn, block)
             self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], [out], **dict(attrs, bits=8))
