@@ -41,7 +41,7 @@ OPTIMUM_TASK = "text-generation-with-past"
 SERVER_START_TIMEOUT_S = 120.0
 SERVER_STOP_TIMEOUT_S = 15.0
 
-_VERSIONED = ("onnxruntime", "optimum", "optimum-onnx", "transformers", "torch", "numpy")
+_VERSIONED = ("onnxruntime", "onnxruntime-genai", "optimum", "optimum-onnx", "transformers", "torch", "numpy")
 
 
 def version(package: str) -> str:
@@ -284,4 +284,48 @@ def optimum_export(log: Any = print) -> Path:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     log(f"optimum export done in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def ort_genai_cache_dir(precision: str) -> Path:
+    """Where ONNX Runtime GenAI's model of SmolLM2 lives: one directory per (precision, genai, transformers)."""
+    key = "-".join(version(p).replace("+", "_") for p in ("onnxruntime-genai", "transformers"))
+    return CACHE / f"ortgenai-smollm2-{precision}-{key}"
+
+
+def ort_genai_export(precision: str = "int4", log: Any = print) -> Path:
+    """Directory of ONNX Runtime GenAI's own model of the built-in SmolLM2 (built on first use).
+
+    The same GGUF our exporter reads, dequantised by transformers and saved fp32 with
+    ``save_pretrained``, goes through GenAI's model builder
+    (``python -m onnxruntime_genai.models.builder -i DIR -o OUT -p PRECISION -e cpu``): for int4
+    that is what a user of GenAI gets (MatMulNBits, block 32, accuracy level 4 on CPU). Built
+    into a partial directory and renamed when complete. Needs ``pip install onnxruntime-genai onnx-ir``;
+    the builder runs through ``_genai_builder.py`` (it imports classes newer than our transformers).
+    """
+    out = ort_genai_cache_dir(precision)
+    if (out / "genai_config.json").is_file():
+        return out
+    import subprocess
+
+    model, tokenizer = load_reference()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log(f"building SmolLM2 {precision} with onnxruntime_genai.models.builder into {out} (once) ...")
+    with tempfile.TemporaryDirectory(prefix="splitllm-hf-", dir=CACHE) as hf_dir:
+        model.save_pretrained(hf_dir)
+        tokenizer.save_pretrained(hf_dir)
+        partial = CACHE / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            cmd = [sys.executable, str(Path(__file__).with_name("_genai_builder.py")), "-i", hf_dir, "-o", str(partial),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(hf_dir) / "cache")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not (partial / "genai_config.json").is_file():
+                raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(partial, out)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    log(f"GenAI model built in {time.perf_counter() - started:.0f} s")
     return out

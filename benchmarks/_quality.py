@@ -1,8 +1,15 @@
-"""Teacher-forced quality of an activation codec: top-1 agreement and perplexity change.
+"""Teacher-forced quality of an activation codec: KL divergence, top-1 agreement, perplexity change.
 
 Why teacher-forced: free-running greedy agreement on a few prompts is noisy (one early flip
 changes every later token). Here every position sees the true text, so each of the N - 1
 next-token predictions is compared on its own with the uncompressed run.
+
+Why KL divergence first: top-1 agreement flips on near-ties (two tokens within a hair of each
+other swap places without the model's behaviour changing in any way a user would notice), and
+perplexity only looks at the true token. The KL divergence KL(P_fp32 || P_codec) of the whole
+next-token distribution, per position, measures how much the model's choices move: its mean is
+the headline, its 99th percentile shows the rare positions a codec hurts badly (as llama.cpp's
+``perplexity --kl-divergence`` reports for its quantisations).
 
 How one (split k, codec) is measured, exactly as a split session would run it:
 
@@ -12,15 +19,14 @@ How one (split k, codec) is measured, exactly as a split session would run it:
 - each chunk's hidden states go through ``codec.encode(hidden, name)`` then ``codec.decode``,
   as the client and the server do;
 - the suffix (units [k+1, L+2)) runs on the decoded chunks with its own KV cache and emits
-  logits for every position; per position we keep the argmax and the log-probability of the
-  true next token.
+  logits for every position; per position we keep the argmax, the log-probability of the
+  true next token and the KL divergence from the reference distribution.
 
-The reference is the same pipeline with the lossless fp32 codec (the unsplit model's numbers).
-Bits per value are reported for the chunk payloads and for decode-step payloads (1, 1, H),
-header included, because a decode step is what a split session sends per generated token.
-
-Text: Python's own ``pydoc_data.topics`` (real English prose with code), values concatenated in
-sorted key order, tokenized with the bundle's tokenizer: deterministic and offline.
+The reference is the same pipeline with the lossless fp32 codec (the unsplit model's numbers);
+its log-probabilities over the whole vocabulary are kept per split (N x V float32: 200 MB for
+1,024 tokens of a 49,152-token vocabulary). Bytes are reported for the chunk payloads and for
+decode-step payloads (1, 1, H), header included, because a decode step is what a split session
+sends per generated token. The texts are in ``_texts.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from _texts import Text, add_texts_arguments, chosen_texts, text_tokens
 
 from splitllm import codec as codecs
 from splitllm.errors import ConfigError
@@ -45,8 +52,10 @@ __all__ = [
     "CodecQuality",
     "Evaluator",
     "Reference",
+    "Scores",
+    "kl_stats",
     "machine_line",
-    "text_tokens",
+    "score_logits",
 ]
 
 # A hidden-state chunk (1, T, H) -> (what the server decodes (1, T, H), payload bytes sent)
@@ -70,15 +79,45 @@ def machine_line() -> str:
     return f"machine: nproc={nproc}, cpu={cpu}, python {sys.version.split()[0]}"
 
 
-def text_tokens(bundle: Bundle, n_tokens: int) -> np.ndarray:
-    """The first ``n_tokens`` token ids (N,) int64 of the pydoc topics text (ConfigError if short)."""
-    from pydoc_data.topics import topics
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (T, V) logits, float32 (the normaliser summed in float64)."""
+    peak = logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return (logits - peak - lse).astype(np.float32)
 
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    ids = bundle.text.encode(text)
-    if len(ids) < n_tokens:
-        raise ConfigError(f"the pydoc text has only {len(ids)} tokens, asked for {n_tokens}")
-    return np.asarray(ids[:n_tokens], dtype=np.int64)
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) per row of logits (T, V), in float64 for a stable mean."""
+    peak = logits.max(axis=-1, keepdims=True)  # (T, 1)
+    lse = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]  # (T,)
+    return logits[np.arange(len(targets)), targets].astype(np.float64) - lse
+
+
+def kl_rows(ref_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P) per row (T,) float64 from two (T, V) log-probability arrays; >= 0."""
+    diff = (ref_logprobs - logprobs).astype(np.float64)
+    return np.maximum((np.exp(ref_logprobs.astype(np.float64)) * diff).sum(axis=-1), 0.0)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per scored position: the argmax, log p(true next token), KL to the reference (or None)."""
+
+    argmax: np.ndarray  # (M,) int64
+    logprob: np.ndarray  # (M,) float64
+    kld: np.ndarray  # (M,) float64; zeros for the reference itself
+
+
+def score_logits(logits: np.ndarray, targets: np.ndarray, ref_logprobs: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """(argmax, log p(target), KL to ``ref_logprobs`` (zeros if None), log-probs) of (T, V) logits."""
+    lp = log_softmax(logits)
+    kld = np.zeros(len(targets)) if ref_logprobs is None else kl_rows(ref_logprobs, lp)
+    return logits.argmax(axis=-1), lp[np.arange(len(targets)), targets].astype(np.float64), kld, lp
+
+
+def kl_stats(kld: np.ndarray) -> tuple[float, float]:
+    """(mean, 99th percentile) of per-position KL divergences."""
+    return float(kld.mean()), float(np.percentile(kld, 99))
 
 
 @dataclass(frozen=True)
@@ -89,6 +128,7 @@ class Reference:
     hidden: list[np.ndarray]  # per chunk (1, T, H) float32, the prefix's outputs
     argmax: np.ndarray  # (N - 1,) int64: the reference's top-1 for every next position
     logprob: np.ndarray  # (N - 1,) float64: log p(true next token)
+    logprobs: np.ndarray = field(repr=False)  # (N - 1, V) float32: the whole next-token distribution
 
     @property
     def perplexity(self) -> float:
@@ -110,10 +150,20 @@ class CodecQuality:
     decode_bytes_max: int
     hidden_size: int
     matches: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0, bool))  # (N-1,)
+    kld: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(1))  # (N-1,) KL to fp32
+    text: str = ""
 
     @property
     def ppl_change_pct(self) -> float:
         return (self.ppl / self.ppl_ref - 1.0) * 100.0
+
+    @property
+    def kld_mean(self) -> float:
+        return kl_stats(self.kld)[0]
+
+    @property
+    def kld_p99(self) -> float:
+        return kl_stats(self.kld)[1]
 
     @property
     def decode_bits_per_value(self) -> float:
@@ -126,9 +176,12 @@ class CodecQuality:
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "text": self.text,
             "split": self.split,
             "codec": self.codec,
             "positions": self.positions,
+            "kld_mean": float(f"{self.kld_mean:.4g}"),
+            "kld_p99": float(f"{self.kld_p99:.4g}"),
             "top1_agreement": round(self.agreement, 5),
             "ppl": round(self.ppl, 5),
             "ppl_change_pct": round(self.ppl_change_pct, 4),
@@ -140,18 +193,12 @@ class CodecQuality:
         }
 
 
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(target) per row of logits (T, V), in float64 for a stable mean."""
-    peak = logits.max(axis=-1, keepdims=True)  # (T, 1)
-    lse = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]  # (T,)
-    return logits[np.arange(len(targets)), targets].astype(np.float64) - lse
-
-
 class Evaluator:
     """Teacher-forced evaluation of codecs at splits of one bundle, caching per-split references.
 
     ``tokens`` (N,) are the text; positions 0..N-2 are scored against tokens 1..N-1. Sessions
-    run with spinning off (the machine is shared) and ``threads`` intra-op threads.
+    run with spinning off (the machine is shared) and ``threads`` intra-op threads. ``text``
+    names the text in the results.
     """
 
     def __init__(
@@ -162,6 +209,7 @@ class Evaluator:
         chunk_tokens: int = 256,
         threads: int = 0,
         decode_samples: int = 512,
+        text: str = "",
     ) -> None:
         if tokens.ndim != 1 or len(tokens) < 2:
             raise ConfigError(f"tokens must be a 1-d array of at least 2 ids, got shape {tokens.shape}")
@@ -169,6 +217,7 @@ class Evaluator:
             raise ConfigError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.bundle = bundle
         self.tokens = tokens
+        self.text = text
         self.chunk_tokens = chunk_tokens
         self.decode_samples = decode_samples
         self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=False)
@@ -195,26 +244,31 @@ class Evaluator:
             hidden.append(prefix.run(self.tokens[None, a:b], cache, a))  # (1, T, H)
         return hidden
 
-    def _suffix_scores(self, split: int, chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(argmax, log p(next)) per scored position, running the suffix on decoded chunks."""
+    def _suffix_scores(self, split: int, chunks: list[np.ndarray],
+                       ref: np.ndarray | None) -> tuple[Scores, np.ndarray | None]:
+        """Scores of every position, running the suffix on decoded chunks; with ``ref`` None
+        (the reference run) also the (N - 1, V) log-probabilities."""
         suffix = self._suffix_segment(split)
         cache = KVCache(self.bundle.shapes)
-        argmax, logprob = [], []
+        parts: list[tuple[np.ndarray, ...]] = []
         for (a, b), x in zip(self._chunks(), chunks, strict=True):
             logits = suffix.run(x, cache, a)[0]  # (T, V)
             scored = min(b, len(self.tokens) - 1) - a  # the last token has no next token
-            logits = logits[:scored]
-            argmax.append(logits.argmax(axis=-1))
-            logprob.append(_log_softmax_at(logits, self.tokens[a + 1 : a + 1 + scored]))
-        return np.concatenate(argmax), np.concatenate(logprob)
+            row = score_logits(logits[:scored], self.tokens[a + 1 : a + 1 + scored],
+                               None if ref is None else ref[a : a + scored])
+            parts.append(row if ref is None else row[:3])
+        scores = Scores(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+        return scores, (np.concatenate([p[3] for p in parts]) if ref is None else None)
 
     def reference(self, split: int) -> Reference:
         """The fp32 run at ``split`` (computed once per evaluator)."""
         if split not in self._refs:
             hidden = self._prefix_hidden(split)
             fp32 = codecs.get_codec("fp32")
-            argmax, logprob = self._suffix_scores(split, [fp32.decode(fp32.encode(h)) for h in hidden])
-            self._refs[split] = Reference(split, hidden, argmax, logprob)
+            scores, logprobs = self._suffix_scores(split, [fp32.decode(fp32.encode(h)) for h in hidden], None)
+            if logprobs is None:
+                raise ConfigError("the reference run returned no log-probabilities")
+            self._refs[split] = Reference(split, hidden, scores.argmax, scores.logprob, logprobs)
         return self._refs[split]
 
     def decode_rows(self, split: int) -> np.ndarray:
@@ -269,19 +323,21 @@ class Evaluator:
             decoded.append(y)
             chunk_bytes += n_bytes
             values += h.size
-        argmax, logprob = self._suffix_scores(split, decoded)
+        scores, _ = self._suffix_scores(split, decoded, ref.logprobs)
         return CodecQuality(
             split=split,
             codec=name,
-            positions=len(argmax),
-            agreement=float((argmax == ref.argmax).mean()),
-            ppl=math.exp(-float(logprob.mean())),
+            positions=len(scores.argmax),
+            agreement=float((scores.argmax == ref.argmax).mean()),
+            ppl=math.exp(-float(scores.logprob.mean())),
             ppl_ref=ref.perplexity,
             chunk_bits_per_value=chunk_bytes * 8 / values,
             decode_bytes=float(np.mean(decode_sizes)),
             decode_bytes_max=int(max(decode_sizes)),
             hidden_size=int(ref.hidden[0].shape[-1]),
-            matches=argmax == ref.argmax,
+            matches=scores.argmax == ref.argmax,
+            kld=scores.kld,
+            text=self.text,
         )
 
     def release(self, split: int) -> None:
@@ -315,15 +371,16 @@ EXPORT_HINT = "export the model with: splitllm-export -q -o bundles/smollm2"
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options the codec benchmarks share: bundle, text length, splits, prefill chunk, threads."""
+    """The options the codec benchmarks share: bundle, texts, splits, prefill chunk, threads."""
     parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2")
-    parser.add_argument("--tokens", type=int, default=2048)
+    add_texts_arguments(parser)
     parser.add_argument("--splits", default="1,5,10,20,29")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per prefill chunk")
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: one per core)")
 
 
-def open_text(args: argparse.Namespace) -> tuple[Bundle, list[int], np.ndarray]:
-    """The bundle, splits and text tokens that ``args`` name; SplitLLMError or ValueError if unusable."""
+def open_texts(args: argparse.Namespace) -> tuple[Bundle, list[int], list[tuple[Text, np.ndarray]]]:
+    """The bundle, splits and (text, tokens) that ``args`` name; SplitLLMError or ValueError if unusable."""
     bundle = Bundle.open(args.bundle, verify=False)
-    return bundle, [int(s) for s in args.splits.split(",")], text_tokens(bundle, args.tokens)
+    texts = [(t, text_tokens(bundle, t, args.tokens)) for t in chosen_texts(args)]
+    return bundle, [int(s) for s in args.splits.split(",")], texts

@@ -1,7 +1,7 @@
-"""Device speed and memory: llama.cpp, optimum ORT, SplitLLM local-only per client weights, split over loopback.
+"""Device speed and memory: llama.cpp, ORT GenAI, optimum ORT, SplitLLM local per client weights, split over loopback.
 
 Run: ``python benchmarks/device_speed.py [--bundle bundles/smollm2-variants] [--tokens 64] [--repeats 3]
-[--threads 2] [--splits 5,10,20,30] [--split-weights fp32,fp16,int8,int4]``
+[--threads 2] [--splits 5,10,20,30] [--split-weights fp32,fp16,int8,int4] [--genai int4[,fp32]]``
 
 One run, one model: the built-in SmolLM2 GGUF (Q4_1 layers, Q8_0 table), the same chat prompt,
 ``--tokens`` greedy tokens (EOS ignored), ``--threads`` threads everywhere. Rows:
@@ -9,6 +9,10 @@ One run, one model: the built-in SmolLM2 GGUF (Q4_1 layers, Q8_0 table), the sam
 - ``llama.cpp``: ``llama-cpp-python`` on the GGUF itself (a benchmark-only dependency: ``pip install
   llama-cpp-python``; the row is skipped with a message when it is missing), with OpenMP's default
   spinning and with ``OMP_WAIT_POLICY=PASSIVE``;
+- ``ort-genai P``: ONNX Runtime GenAI (``pip install onnxruntime-genai onnx-ir``, benchmark-only; skipped
+  with a message when missing) on its own model of the same GGUF, built by its model builder with
+  precision P (``_baselines.ort_genai_export``: int4 is MatMulNBits, symmetric, block 32, accuracy
+  level 4, int4 head), greedy with ``min_length`` so EOS cannot stop it early;
 - ``optimum``: ``ORTModelForCausalLM`` on a monolithic fp32 optimum export (benchmarks/_baselines.py);
 - ``local W``: ``SplitClient(bundle, local=True, weights=W)`` for every weight variant W in the bundle,
   with ORT's spinning threads (the local default) and without (``no-spin``);
@@ -49,6 +53,7 @@ from splitllm.testing.server import spawn, stop
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"
 GOAL_LOCAL_VS_LLAMA = 1.0  # ours local-only int4 tok/s / llama.cpp tok/s
+GOAL_LOCAL_VS_GENAI = 1.0  # ours local-only int4 tok/s / ONNX Runtime GenAI int4 tok/s
 GOAL_SPLIT_VS_LOCAL = 0.9  # split over loopback tok/s / local-only tok/s, same client weights
 GOAL_RSS_K10_VS_K30 = 0.45  # client peak RSS of prefix k=10 / of prefix k=30
 WORKER_TIMEOUT_S = 600
@@ -106,6 +111,33 @@ def _llama_cpp(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
             ids.append(int(token))
             if len(ids) == n:
                 break
+        return ids, first, time.perf_counter() - started
+
+    return _timed(generate, spec)
+
+
+def _ort_genai(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
+    import onnxruntime_genai as og
+
+    config = og.Config(spec["genai_dir"])
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def generate(n: int) -> tuple[list[int], float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + n, min_length=len(prompt_ids) + n,
+                                  batch_size=1)
+        started = time.perf_counter()
+        generator = og.Generator(model, params)
+        generator.append_tokens([prompt_ids])
+        ids: list[int] = []
+        first = 0.0
+        while len(ids) < n and not generator.is_done():
+            generator.generate_next_token()
+            ids.append(int(generator.get_next_tokens()[0]))
+            if len(ids) == 1:
+                first = time.perf_counter() - started
         return ids, first, time.perf_counter() - started
 
     return _timed(generate, spec)
@@ -179,7 +211,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     bundle = Bundle.open(spec["bundle"], verify=False)
     prompt_ids = bundle.text.encode_chat([{"role": "user", "content": PROMPT}])
     base = status_mb("VmRSS")
-    run = {"llama.cpp": _llama_cpp, "optimum": _optimum}.get(spec["kind"], _ours)
+    run = {"llama.cpp": _llama_cpp, "ort-genai": _ort_genai, "optimum": _optimum}.get(spec["kind"], _ours)
     result = run(spec, prompt_ids)
     result.update(rss_base_mb=round(base, 1), rss_peak_mb=round(status_mb("VmHWM"), 1))
     return result
@@ -245,6 +277,16 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
     local4 = _best(rows, "local int4")
     verdict("local_int4_vs_llama_cpp", local4["tok_s"] / llama["tok_s"] if llama and local4 else None,
             GOAL_LOCAL_VS_LLAMA)
+    genai = rows.get("ort-genai int4")
+    for name in [n.removeprefix("local ") for n in rows if n.startswith("local int4") and not n.endswith("no-spin")]:
+        mine = _best(rows, f"local {name}")
+        key = "local_int4_vs_ort_genai_int4" if name == "int4" else f"local_{name}_vs_ort_genai_int4"
+        if name == "int4":
+            verdict(key, mine["tok_s"] / genai["tok_s"] if genai and mine else None, GOAL_LOCAL_VS_GENAI)
+        elif genai and mine:
+            ratios[key] = round(mine["tok_s"] / genai["tok_s"], 3)
+        if genai and (spinning := rows.get(f"local {name}")):  # like for like: GenAI's threads spin too
+            ratios[f"{key}_spinning"] = round(spinning["tok_s"] / genai["tok_s"], 3)
     if rows.get("optimum") and local4:
         ratios["local_int4_vs_optimum"] = round(local4["tok_s"] / rows["optimum"]["tok_s"], 3)
     for w in args.split_weights:
@@ -263,13 +305,15 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[st
                 (k10["rss_peak_mb"] - k10["rss_base_mb"]) / (k30["rss_peak_mb"] - k30["rss_base_mb"]), 3)
     print()
     for key, value in goals.items():
-        target = {"local": f">= {GOAL_LOCAL_VS_LLAMA}", "split": f">= {GOAL_SPLIT_VS_LOCAL}",
+        target = {"local": f">= {GOAL_LOCAL_VS_GENAI if 'genai' in key else GOAL_LOCAL_VS_LLAMA}", "split": f">= {GOAL_SPLIT_VS_LOCAL}",
                   "rss_": f"<= {GOAL_RSS_K10_VS_K30}"}[next(p for p in ("local", "split", "rss_") if key.startswith(p))]
         extra = ""
         if key.startswith("rss_") and (above := ratios.get(key.replace("rss_", "rss_above_base_"))) is not None:
             extra = f"   (RSS above the process's base: {above:.3f})"
         if (calm := ratios.get(f"{key}_no_spin")) is not None:
             extra = f"   (vs local without spinning: {calm:.3f})"
+        if (spinning := ratios.get(f"{key}_spinning")) is not None:
+            extra = f"   (ours with spinning threads, as GenAI's: {spinning:.3f})"
         print(f"goal {key:<32} {ratios.get(key, float('nan')):>6.3f} (target {target}): {value}{extra}")
     return {"ratios": ratios, "goals": goals,
             "rows": {n: {k: v for k, v in r.items() if k != "ids"} for n, r in rows.items()}}
@@ -286,6 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split-weights", default="", help="client weights of the split rows (default: all in the bundle)")
     parser.add_argument("--server-weights", default="same",
                         help="weights the server runs for split rows: 'same' as the client (default) or a variant name")
+    parser.add_argument("--genai", default="int4",
+                        help="ONNX Runtime GenAI precisions to run when it is installed, or 'none' (default %(default)s)")
+    parser.add_argument("--only", default="", help="run only the rows whose name matches this regular expression")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -320,6 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         specs.append({"name": "llama.cpp", "kind": "llama.cpp", "gguf": gguf})
         specs.append({"name": "llama.cpp passive", "kind": "llama.cpp", "gguf": gguf,
                       "env": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    genai = [p for p in args.genai.split(",") if p and p != "none"]
+    if genai and importlib.util.find_spec("onnxruntime_genai") is None:
+        print("onnxruntime-genai is not installed: skipping the ORT GenAI rows (pip install onnxruntime-genai==0.18.0 "
+              "onnx-ir; a benchmark-only dependency)", flush=True)
+    elif genai:
+        from _baselines import ort_genai_export
+
+        specs += [{"name": f"ort-genai {p}", "kind": "ort-genai",
+                   "genai_dir": str(ort_genai_export(p, log=lambda s: print(s, flush=True)))} for p in genai]
     specs.append({"name": "optimum", "kind": "optimum"})
     specs += [{"name": f"local {w}", "kind": "local", "weights": w} for w in variants]
     # Local sessions spin by default (fastest on an idle machine); without spinning they suffer
@@ -327,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     specs += [{"name": f"local {w} no-spin", "kind": "local", "weights": w, "spinning": False} for w in variants]
     rows: dict[str, dict[str, Any]] = {}
     server_weights = {w: w if args.server_weights == "same" else args.server_weights for w in args.split_weights}
-    servers = {sw: start_server(args.bundle, args.threads, sw) for sw in dict.fromkeys(server_weights.values())}
+    servers = {sw: start_server(args.bundle, args.threads, sw)
+               for sw in dict.fromkeys(server_weights.values()) if args.splits}
     specs += [{"name": f"split k={k} {w}", "kind": "split", "weights": w, "split": k,
                "server": servers[server_weights[w]][1]}
               for w in args.split_weights for k in args.splits]
+    if args.only:
+        specs = [spec for spec in specs if re.search(args.only, spec["name"])]
     loads = [os.getloadavg()[0]]
     try:
         for round_index in range(args.rounds):

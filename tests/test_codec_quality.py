@@ -21,12 +21,19 @@ from splitllm.errors import ConfigError
 from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, Segment
 
-_SPEC = importlib.util.spec_from_file_location(
-    "_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "_quality.py"
-)
-quality = importlib.util.module_from_spec(_SPEC)
-sys.modules["_quality"] = quality
-_SPEC.loader.exec_module(quality)
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+texts = _load("_texts")
+quality = _load("_quality")
 
 TOKENS = 384
 SPLITS = (1, 3)
@@ -36,11 +43,12 @@ SPLITS = (1, 3)
 def evaluator(tiny_export):
     path, _ = tiny_export("llama", layers=4)
     bundle = Bundle.open(path)
-    return quality.Evaluator(bundle, quality.text_tokens(bundle, TOKENS), chunk_tokens=128, threads=1)
+    return quality.Evaluator(bundle, texts.text_tokens(bundle, texts.load_text("pydoc"), TOKENS), chunk_tokens=128,
+                             threads=1, text="pydoc")
 
 
 def test_text_is_real_and_deterministic(evaluator):
-    tokens = quality.text_tokens(evaluator.bundle, TOKENS)
+    tokens = texts.text_tokens(evaluator.bundle, texts.load_text("pydoc"), TOKENS)
     assert np.array_equal(tokens, evaluator.tokens) and tokens.dtype == np.int64
     from pydoc_data.topics import topics
 
@@ -48,11 +56,34 @@ def test_text_is_real_and_deterministic(evaluator):
     assert evaluator.bundle.text.decode(tokens.tolist()).startswith(first[:200])
 
 
+@pytest.mark.parametrize("name", sorted(texts.BUILTIN))
+def test_every_builtin_text_is_long_enough_and_of_its_kind(evaluator, name):
+    text = texts.load_text(name)
+    assert len(texts.text_tokens(evaluator.bundle, text, 2048)) == 2048
+    marker = {"pydoc": "The ", "code": "def ", "license": "PYTHON SOFTWARE FOUNDATION", "news": "bpo-"}[name]
+    assert marker in text.content
+
+
+def test_text_file_and_errors(tmp_path, evaluator):
+    path = tmp_path / "talk.txt"
+    path.write_text("A: hello there.\nB: hi, how are you?\n" * 50, encoding="utf-8")
+    text = texts.file_text(path)
+    assert text.name == "talk" and len(texts.text_tokens(evaluator.bundle, text, 100)) == 100
+    with pytest.raises(ConfigError, match="only"):
+        texts.text_tokens(evaluator.bundle, text, 10**6)
+    with pytest.raises(ConfigError, match="unknown text"):
+        texts.load_text("nope")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        texts.file_text(tmp_path / "bad.txt")
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_fp32_is_exactly_the_reference(evaluator, split):
     q = evaluator.evaluate(split, "fp32")
     assert q.positions == TOKENS - 1
     assert q.agreement == 1.0 and q.ppl_change_pct == 0.0 and q.ppl == q.ppl_ref
+    assert q.kld_mean == 0.0 and q.kld_p99 == 0.0 and q.to_dict()["text"] == "pydoc"
     assert q.decode_bytes == 28 + 4 * 64 and q.ratio_vs_fp32 == 1.0
     assert q.chunk_bits_per_value == pytest.approx(32 + 28 * 8 * 3 / (TOKENS * 64))  # 3 chunks, 28 B headers
 
@@ -67,7 +98,31 @@ def test_split_reference_equals_the_unsplit_model(evaluator):
     logits = np.concatenate([whole.run(tokens[None, a:b], cache, a)[0] for a, b in evaluator._chunks()])
     assert np.array_equal(logits[:-1].argmax(axis=-1), ref.argmax)
     assert np.allclose(quality._log_softmax_at(logits[:-1], tokens[1:]), ref.logprob, atol=1e-4)
+    assert np.allclose(quality.log_softmax(logits[:-1]), ref.logprobs, atol=1e-4)
 
+
+def test_kl_matches_its_definition():
+    """KL(P || Q) = sum p (log p - log q): zero for equal rows, positive and exact for a known pair."""
+    p = np.log(np.array([[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]], dtype=np.float32))
+    q = np.log(np.array([[0.25, 0.5, 0.25], [1 / 3, 1 / 3, 1 / 3]], dtype=np.float32))
+    kl = quality.kl_rows(p, q)
+    assert kl[0] == pytest.approx(0.5 * np.log(2) + 0.25 * np.log(0.5), rel=1e-5) and kl[1] == pytest.approx(0, abs=1e-7)
+    mean, p99 = quality.kl_stats(np.array([0.0] * 99 + [1.0]))
+    assert mean == pytest.approx(0.01) and 0 < p99 <= 1.0
+
+
+# Maximum mean KL divergence (nats) at splits 1 and 3 of the tiny model, about 2-4x its own worst
+# value when written (in the comment); SmolLM2's worst over 3 texts x 5 splits is in docs/benchmarks.md
+# (benchmarks/codec_frontier.py). KL falls ~4x per extra bit, so a codec that lost one bit fails.
+KL_THRESHOLDS = {
+    "fp16": 1e-6,  # tiny 7.6e-8
+    "int8-block64": 5e-5,  # tiny 1.2e-5
+    "hadamard-int5-block64": 2e-3,  # tiny 8.9e-4
+    "hadamard-int5-block64-o2": 1.5e-3,  # tiny 6.7e-4
+    "ec5": 4e-3,  # tiny 1.7e-3
+    "ec6": 1e-3,  # tiny 4.5e-4
+    "ec7": 3e-4,  # tiny 1.1e-4
+}
 
 # Minimum top-1 agreement at splits 1 and 3 of the tiny model (383 positions, deterministic). Each
 # sits ~3 points (~11 positions) under the tiny model's own worst value when written, with the
@@ -92,6 +147,8 @@ def test_codec_keeps_top1_above_its_threshold(evaluator, name):
     for split in SPLITS:
         q = evaluator.evaluate(split, name)
         assert q.agreement >= THRESHOLDS[name], f"{name} at split {split}: {q.agreement:.4f}"
+        assert 0 < q.kld_mean <= KL_THRESHOLDS.get(name, 1.0), f"{name} at split {split}: KL {q.kld_mean:.2e}"
+        assert q.kld_p99 >= q.kld_mean
         assert abs(q.ppl_change_pct) < 2.0
         assert q.decode_bytes == codecs.get_codec(name).encoded_size((1, 1, 64))
 
@@ -101,6 +158,7 @@ def test_more_bits_never_hurt_much(evaluator):
     low, high = evaluator.evaluate(3, "ec4"), evaluator.evaluate(3, "ec7")
     delta, se = quality.paired_delta(high, low)
     assert delta >= 0 and se > 0 and high.decode_bytes > low.decode_bytes
+    assert high.kld_mean < low.kld_mean / 4  # three more bits: far less than a quarter of the divergence
 
 
 def test_damage_is_seen(evaluator):
@@ -113,12 +171,14 @@ def test_damage_is_seen(evaluator):
 
     q = evaluator.evaluate_round_trip(1, "noise", noisy, [1])
     assert q.agreement < 0.8  # measured 54% (the random model's perplexity barely moves: not checked)
+    assert q.kld_mean > 100 * evaluator.evaluate(1, "int8-block64").kld_mean
 
 
 def test_zstd_twin_has_the_same_quality_and_its_own_bytes(evaluator):
     base = evaluator.evaluate(1, "int8-block64")
     twin = evaluator.evaluate_twin(base, "int8-block64+zstd")
-    assert (twin.agreement, twin.ppl) == (base.agreement, base.ppl) and twin.codec == "int8-block64+zstd"
+    assert (twin.agreement, twin.ppl, twin.kld_mean) == (base.agreement, base.ppl, base.kld_mean)
+    assert twin.codec == "int8-block64+zstd"
     assert twin.chunk_bits_per_value != base.chunk_bits_per_value
     with pytest.raises(ConfigError):
         evaluator.evaluate_twin(base, "ec5")

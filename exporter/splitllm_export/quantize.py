@@ -8,15 +8,25 @@ variant leaves alone (norm weights, small constants) keep pointing into ``weight
 
 Schemes (ONNX Runtime CPU kernels; see docs/bundle.md for the measurements behind them):
 
-- ``int4``: decoder-layer MatMul/Gemm weights in blocks of ``block_size`` along K, stored the way
-  llama.cpp's Q4_1 stores them: per block a scale ``d`` and a float minimum ``m``,
-  ``w = d * q + m`` with q in 0..15. ORT's MatMulNBits has no fast path for a float offset
-  (a float zero point is exact but takes a slow fallback path in ORT 1.32) and its uint8 zero points cannot hold ``m``, so each
-  MatMul becomes ``MatMulNBits(A, q, d)`` (no zero points: q - 8) plus a correction
-  ``(A @ E) @ M`` where E (K, K/block) sums A per block and M = m + 8d (K/block, N). For a
-  dequantised Q4_1 GGUF this reproduces the GGUF's weights to fp32 rounding. The tied
-  embedding/head table is 8-bit (as the GGUF's Q8_0 table): the most sensitive weight.
-- ``int8``: the same with 8-bit codes (q in 0..255, still exact for a Q4_1 block); table as int4.
+- ``int4`` (the fast default): decoder-layer MatMul/Gemm weights 4-bit in blocks of ``block_size``
+  along K with a float scale and an integer zero point per block, both in MatMulNBits' own
+  inputs, so each MatMul is one kernel call and nothing else (the layout ONNX Runtime GenAI's
+  builder makes, with an asymmetric zero point and a least-squares scale search per block
+  instead of its symmetric rounding). On a Q4_1 GGUF this re-quantises the blocks: the float
+  minimum ``m`` becomes a multiple of the scale, which costs accuracy (docs/benchmarks.md).
+- ``int4-h4``: int4, and the head's copy of the tied table 4-bit with zero points too (ONNX Runtime
+  GenAI's head is 4-bit): a third of the bytes a local decode step reads is the head, so this
+  is the fastest local variant, at more KL than int4 (the embedding lookup keeps 8 bits).
+- ``int4-q41`` (the faithful one): the same blocks stored the way llama.cpp's Q4_1 stores them:
+  per block a scale ``d`` and a float minimum ``m``, ``w = d * q + m`` with q in 0..15. ORT's
+  MatMulNBits has no fast path for a float offset (a float zero point is exact but takes a slow
+  fallback path in ORT 1.32) and its uint8 zero points cannot hold ``m``, so each MatMul becomes
+  ``MatMulNBits(A, q, d)`` (no zero points: q - 8) plus a correction ``(A @ E) @ M`` where E
+  (K, K/block) sums A per block and M = m + 8d (K/block, N). For a dequantised Q4_1 GGUF this
+  reproduces the GGUF's weights to fp32 rounding; the correction is ~25% of a decode step.
+  The tied embedding/head table is 8-bit in both (as the GGUF's Q8_0 table): the most
+  sensitive weight.
+- ``int8``: the int4-q41 layout with 8-bit codes (q in 0..255, still exact for a Q4_1 block).
 - ``fp16``: weights stored as float16 with a Cast in front of their consumer. ORT folds the Cast
   of a constant at load time, so this halves the download and the disk, not RAM or time.
 
@@ -40,9 +50,11 @@ from onnx import TensorProto, helper, numpy_helper
 from splitllm.errors import ConfigError, ExportError
 from splitllm.model.bundle import ModelShapes
 from splitllm_export import fused
+from splitllm_export.blockquant import dequantize_zp, quantize_asym, quantize_sym8, quantize_zp
 from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore
+from splitllm_export.calibrate import InputStats, layer_input_stats, weight_key
 
-VARIANTS = ("fp16", "int8", "int4")
+VARIANTS = ("fp16", "int8", "int4", "int4-h4", "int4-q41")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # MatMulNBits accuracy_level 4 quantises activations to int8 inside the kernel (as llama.cpp
 # does for its Q4/Q8 dot products): measured 2x faster per call than level 0 on this CPU.
@@ -52,24 +64,37 @@ _INLINE_LIMIT_BYTES = 1024
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one variant stores weights. ``None`` bits means float16."""
+    """How one variant stores weights. ``None`` bits means float16.
+
+    ``layer_format`` says how a block's offset is stored: ``"min"`` a float minimum per block
+    (exact for Q4_1 blocks; costs the block-sum correction), ``"zp"`` an integer zero point
+    per block in MatMulNBits' own zero-point input (no extra node: ONNX Runtime GenAI's kind
+    of layout, with scales and zero points searched per block for the least squared error).
+    """
 
     name: str
     layer_bits: int | None
     table_bits: int | None
     block_size: int
     accuracy_level: int
+    layer_format: str = "min"
+    head_bits: int = 8  # the head's copy of the tied table; the embedding Gather always reads 8 bits
 
     def describe(self) -> dict[str, Any]:
         text = {
-            "int4": "decoder weights 4-bit with a float minimum per block (Q4_1-like, MatMulNBits + "
-                    "block-sum correction); embedding/head table 8-bit symmetric per block",
+            "int4": "decoder weights 4-bit with an integer zero point per block (MatMulNBits with zero points, "
+                    "least-squares scale search); embedding/head table 8-bit symmetric per block",
+            "int4-h4": "as int4, and the head's copy of the embedding/head table 4-bit with zero points "
+                       "(the embedding lookup keeps its 8-bit copy)",
+            "int4-q41": "decoder weights 4-bit with a float minimum per block (Q4_1-like, exact for a Q4_1 GGUF: "
+                        "MatMulNBits + block-sum correction); embedding/head table 8-bit symmetric per block",
             "int8": "decoder weights 8-bit with a float minimum per block (MatMulNBits bits=8 + block-sum "
                     "correction); embedding/head table 8-bit symmetric per block",
             "fp16": "all weights float16, cast to float32 when the session loads",
         }[self.name]
         return {"scheme": text, "layer_bits": self.layer_bits or 16, "table_bits": self.table_bits or 16,
-                "block_size": self.block_size, "accuracy_level": self.accuracy_level if self.layer_bits else None}
+                "block_size": self.block_size, "accuracy_level": self.accuracy_level if self.layer_bits else None,
+                "layer_format": self.layer_format if self.layer_bits else None}
 
 
 def scheme_for(name: str, block_size: int = 32, accuracy_level: int = ACCURACY_LEVEL) -> Scheme:
@@ -77,46 +102,16 @@ def scheme_for(name: str, block_size: int = 32, accuracy_level: int = ACCURACY_L
     if block_size not in BLOCK_SIZES:
         raise ConfigError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
     if name == "int4":
+        return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="zp")
+    if name == "int4-h4":
+        return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="zp", head_bits=4)
+    if name == "int4-q41":
         return Scheme(name, 4, 8, block_size, accuracy_level)
     if name == "int8":
         return Scheme(name, 8, 8, block_size, accuracy_level)
     if name == "fp16":
         return Scheme(name, None, None, block_size, 0)
     raise ConfigError(f"unknown client weights {name!r}; choose from fp32, {', '.join(VARIANTS)}")
-
-
-# ----------------------------------------------------------------------------- numerics
-
-
-def _by_block(w_kn: np.ndarray, block: int) -> np.ndarray:
-    """(K, N) weight -> (N, K/block, block): the MatMulNBits layout, one row per output column."""
-    k, n = w_kn.shape
-    return np.ascontiguousarray(w_kn.T, dtype=np.float32).reshape(n, k // block, block)
-
-
-def quantize_sym8(w_kn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q8_0-style: q = round(w / d), d = max|w| / 127 per block. Returns (B uint8 q+128, d (N, K/block))."""
-    x = _by_block(w_kn, block)
-    d = np.abs(x).max(axis=-1) / np.float32(127)
-    inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
-    q = np.clip(np.rint(x * inv[..., None]), -127, 127)
-    return (q + 128).astype(np.uint8), d.astype(np.float32)
-
-
-def quantize_asym(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Q4_1-style: q = round((w - m) / d), m = block min, d = (max - min) / (2**bits - 1).
-
-    Returns (B (N, K/block, block*bits/8) uint8, 4-bit codes two per byte, low nibble first;
-    d (N, K/block); offsets m + 2**(bits-1) d (N, K/block): the term that MatMulNBits' implicit
-    zero point 2**(bits-1) leaves out). A Q4_1 block is exact in both widths (q8 = 17 q4).
-    """
-    x = _by_block(w_kn, block)
-    lo, hi = x.min(axis=-1), x.max(axis=-1)
-    d = (hi - lo) / np.float32(2**bits - 1)
-    inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
-    q = np.clip(np.rint((x - lo[..., None]) * inv[..., None]), 0, 2**bits - 1).astype(np.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
-    return packed, d.astype(np.float32), (lo + 2 ** (bits - 1) * d).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- graph rewriting
@@ -135,6 +130,7 @@ class _Rewriter(fused.GraphBuilder):
         self.load = load
         self._block_sums: dict[str, str] = {}
         self.stats = {"matmul": 0, "gather": 0, "kept": 0}
+        self.input_stats: dict[str, InputStats] = {}  # weight_key -> activation statistics (calibrate.py)
 
     def _weight(self, name: str) -> np.ndarray | None:
         """The float32 2-D initializer called ``name``, or None."""
@@ -162,9 +158,22 @@ class _Rewriter(fused.GraphBuilder):
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if self.scheme.accuracy_level:
             attrs["accuracy_level"] = self.scheme.accuracy_level
+        if table and self.scheme.head_bits == 4:
+            q, d, zp = quantize_zp(w_kn, block, 4)
+            self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d), self._tensor(zp)], [out], **dict(attrs, bits=4))
+            return
         if table:
             q, d = quantize_sym8(w_kn, block)
             self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], [out], **dict(attrs, bits=8))
+            return
+        if self.scheme.layer_format == "zp":
+            stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
+            q, d, zp = quantize_zp(w_kn, block, bits, None if stats is None else stats.mean_square)
+            inputs = [a, self._tensor(q), self._tensor(d), self._tensor(zp)]
+            if stats is not None:  # the mean error E[A] @ (W - Wq), added back as the kernel's bias
+                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_zp(q, d, zp, k, bits))
+                inputs += ["", self._tensor(bias.astype(np.float32))]
+            self._node("MatMulNBits", inputs, [out], **attrs)
             return
         q, d, offsets = quantize_asym(w_kn, block, bits)
         main = self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], **attrs)
@@ -338,6 +347,9 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
     not_fused = "no model given" if model is None or family is None or shapes is None else fused.fusable(model, family)
     rotary = fused.rotary_tables(model, shapes) if not_fused is None and shapes is not None else None
     entry["fused_layers"] = not_fused is None
+    input_stats = layer_input_stats(model) if rotary is not None and scheme.layer_format == "zp" else {}
+    if input_stats:
+        entry["calibration"] = "activation statistics of 256 tokens the fp32 model sampled itself (calibrate.py)"
     if not_fused is not None:
         entry["not_fused_because"] = not_fused
     try:
@@ -348,6 +360,7 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
             if rotary is not None and index is not None and shapes is not None:
                 proto = fused.layer_proto(index, shapes, proto)
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
+                rewriter.input_stats = input_stats
                 fused.fused_layer(rewriter, model.model.layers[index], index, shapes, rotary, scheme.layer_bits)
                 inputs = [i.name for i in proto.graph.input]
                 rewriter.stats["matmul"] += 7  # q, k, v, o, gate, up, down: all rewritten, some merged

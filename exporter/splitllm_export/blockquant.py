@@ -1,0 +1,100 @@
+"""Block quantisation numerics of the device weight variants (see splitllm_export.quantize).
+
+Every function takes a float weight (K, N) as a MatMul multiplies it (x @ W) and returns it in
+MatMulNBits' layout: one row per output column, blocks of ``block`` values along K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["dequantize_zp", "quantize_asym", "quantize_sym8", "quantize_zp"]
+
+def _by_block(w_kn: np.ndarray, block: int) -> np.ndarray:
+    """(K, N) weight -> (N, K/block, block): the MatMulNBits layout, one row per output column."""
+    k, n = w_kn.shape
+    return np.ascontiguousarray(w_kn.T, dtype=np.float32).reshape(n, k // block, block)
+
+
+def quantize_sym8(w_kn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0-style: q = round(w / d), d = max|w| / 127 per block. Returns (B uint8 q+128, d (N, K/block))."""
+    x = _by_block(w_kn, block)
+    d = np.abs(x).max(axis=-1) / np.float32(127)
+    inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.rint(x * inv[..., None]), -127, 127)
+    return (q + 128).astype(np.uint8), d.astype(np.float32)
+
+
+def quantize_asym(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1-style: q = round((w - m) / d), m = block min, d = (max - min) / (2**bits - 1).
+
+    Returns (B (N, K/block, block*bits/8) uint8, 4-bit codes two per byte, low nibble first;
+    d (N, K/block); offsets m + 2**(bits-1) d (N, K/block): the term that MatMulNBits' implicit
+    zero point 2**(bits-1) leaves out). A Q4_1 block is exact in both widths (q8 = 17 q4).
+    """
+    x = _by_block(w_kn, block)
+    lo, hi = x.min(axis=-1), x.max(axis=-1)
+    d = (hi - lo) / np.float32(2**bits - 1)
+    inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.rint((x - lo[..., None]) * inv[..., None]), 0, 2**bits - 1).astype(np.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
+    return packed, d.astype(np.float32), (lo + 2 ** (bits - 1) * d).astype(np.float32)
+
+
+def quantize_zp(w_kn: np.ndarray, block: int, bits: int,
+                importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric with an integer zero point: w ~ d * (q - z), q and z in 0..2**bits - 1.
+
+    Per block, candidate scales (max - min) / (levels - 1 + delta) are tried, each with its best
+    zero point and a least-squares refit of the scale for the codes it gives; the pair with the
+    least squared error wins. On a Q4_1 GGUF (blocks m + d q) plain min/max rounding would shift
+    every weight of a block by the same up-to-d/2; the search finds grids that fit better.
+    ``importance`` (K,), when given, weights each input row's squared error (E[A_k^2] of the
+    activations that multiply it), so the search favours the rows that move the output most.
+    Returns (B packed as quantize_asym, d (N, K/block) float32, zero points packed two per byte
+    low nibble first for 4 bits, (N, ceil(K/block / 2)) uint8; one per byte for 8 bits).
+    """
+    x = _by_block(w_kn, block).astype(np.float64)  # (N, nb, block)
+    weight = np.ones(x.shape[1:]) if importance is None else np.asarray(importance, np.float64).reshape(x.shape[1:])
+    top = 2**bits - 1
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    best_err = np.full(lo.shape, np.inf)
+    best_q = np.zeros(x.shape, np.uint8)
+    best_d = np.zeros(lo.shape)
+    best_z = np.zeros(lo.shape)
+    for delta in (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
+        d = (hi - lo) / (top + delta)
+        d = np.where(d > 0, d, 1.0)
+        z = np.clip(np.rint(-lo / d), 0, top)
+        q = np.clip(np.rint(x / d) + z, 0, top)
+        c = q - z
+        denom = (weight * c * c).sum(axis=-1, keepdims=True)
+        d_ls = np.where(denom > 0, (weight * x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
+        for scale in (d, d_ls):
+            err = (weight * (scale * c - x) ** 2).sum(axis=-1, keepdims=True)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_d = np.where(better, scale, best_d)
+            best_z = np.where(better, z, best_z)
+            best_q = np.where(better, q, best_q).astype(np.uint8)
+    q = best_q
+    z = best_z[..., 0].astype(np.uint8)  # (N, nb)
+    if bits == 4:
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+        zp = z[:, 0::2] | (z[:, 1::2] << 4)
+    else:
+        packed, zp = q, z
+    return packed, best_d[..., 0].astype(np.float32), np.ascontiguousarray(zp)
+
+
+def dequantize_zp(packed: np.ndarray, d: np.ndarray, zp: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The (K, N) float32 weight that quantize_zp's output stands for."""
+    n, nb = d.shape
+    if bits == 4:
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, nb, -1)
+        z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :nb]
+    else:
+        q, z = packed, zp
+    return np.ascontiguousarray(((q.astype(np.float32) - z[..., None]) * d[..., None]).reshape(n, k).T)
