@@ -42,7 +42,7 @@ class HuffmanTable:
 
 def _huffman_lengths(weights: list[int]) -> list[int]:
     """Code length per symbol of a Huffman code for integer ``weights`` (deterministic ties)."""
-    heap = [(w, i, (i,)) for i, w in enumerate(weights)]
+    heap: list[tuple[int, int, tuple[int, ...]]] = [(w, i, (i,)) for i, w in enumerate(weights)]
     heapq.heapify(heap)
     lengths = [0] * len(weights)
     order = len(weights)
@@ -129,8 +129,8 @@ class BitFields:
     def add(self, row: object, start: object, value: object, width: object) -> None:
         """Fields at (row, bit start) holding the low ``width`` bits of ``value`` (array-likes)."""
         arrays = np.broadcast_arrays(*(np.asarray(a) for a in (row, start, value, width)))
-        flat = tuple(a.reshape(-1) for a in arrays)
-        self._parts.append(tuple(a.astype(np.int64) for a in flat))  # values < 2**32
+        r, s, v, w = (a.reshape(-1).astype(np.int64) for a in arrays)  # values < 2**32
+        self._parts.append((r, s, v, w))
 
     def bits(self, n_rows: int, row_bits: int) -> np.ndarray:
         """(R, row_bits) uint8 bits of everything added so far."""

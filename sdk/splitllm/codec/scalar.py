@@ -50,7 +50,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     """(N,) uint8 codes < 2**bits -> ceil(N*bits/8) bytes, MSB-first, zero-padded."""
     if bits == 8:
         return codes.tobytes()
-    planes = np.unpackbits((codes << (8 - bits))[:, None], axis=1, count=bits)  # (N, bits)
+    shifted = (codes << (8 - bits)).astype(np.uint8)  # uint8 in, uint8 out: no widening
+    planes = np.unpackbits(shifted[:, None], axis=1, count=bits)  # (N, bits)
     return np.packbits(planes).tobytes()
 
 
