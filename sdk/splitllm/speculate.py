@@ -23,6 +23,7 @@ would change the sampled distribution; generation then runs one token per round 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -103,6 +104,7 @@ class ModelDrafter:
         self.segment = Segment(bundle, 0, bundle.num_units, last_logits_only=True, options=options, variant=variant)
         self.cache = KVCache(bundle.shapes)
         self.seen: list[int] = []  # positions whose KV the draft cache holds
+        self.step_ms: float | None = None  # one incremental draft step (catching up is not drafting)
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Bring the cache to ``context`` minus its last token; run the last one; its logits."""
@@ -124,12 +126,23 @@ class ModelDrafter:
         """``gamma`` greedy tokens after ``context`` (blocking: call it on the device thread)."""
         if gamma <= 0:
             return []
+        began = time.perf_counter()
+        caught_up = len(context) - len(self.seen) <= 1  # only the last token was new to the cache
         drafts = [int(np.argmax(self._sync(context)))]
+        if caught_up:
+            self._time_step(began, 1)
+        began = time.perf_counter()
         while len(drafts) < gamma:
             logits = self.segment.run(np.asarray([[drafts[-1]]], dtype=np.int64), self.cache, len(self.seen))
             self.seen.append(drafts[-1])
             drafts.append(int(np.argmax(logits[0, -1])))
+        if len(drafts) > 1:
+            self._time_step(began, len(drafts) - 1)
         return drafts
+
+    def _time_step(self, began: float, steps: int) -> None:
+        per = (time.perf_counter() - began) * 1e3 / steps
+        self.step_ms = per if self.step_ms is None else 0.8 * self.step_ms + 0.2 * per
 
     def keep(self, length: int) -> None:
         """Only the first ``length`` positions of the conversation are still valid."""
