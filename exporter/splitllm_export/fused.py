@@ -27,8 +27,9 @@ The registry entry's :class:`~splitllm_export.arch.DecoderLayout` maps a family 
 packed or separate projections (with biases), q/k RMSNorm (a SimplifiedLayerNormalization over
 each head, then separate q, k, v into GroupQueryAttention), extra norms around attention and MLP
 (Gemma 3), a SiLU or tanh-GELU gate, the rotary tables of each layer (Gemma 3's local layers
-have their own base), and a sliding window (GroupQueryAttention's ``local_window_size``, which
-counts keys *before* the current one: a window of W keys is ``W - 1``). Only layers the fused
+have their own base), and a sliding window (GroupQueryAttention's ``local_window_size`` set to
+the model's window W: transformers lets a query see keys at distance < W, and ORT 1.32 gives the
+same result with W; W - 1 does not, checked by the tiny Mistral, Phi-3 and Gemma 3 exports). Only layers the fused
 form reproduces are fused (full-width rotary with the default or linear/llama3 frequency rules);
 anything else keeps the rewritten exported graph.
 """
@@ -175,7 +176,7 @@ def fused_layer(b: GraphBuilder, model: Any, spec: ArchSpec, index: int, shapes:
                              "scale": float(getattr(attn, "scaling", None) or shapes.head_dim**-0.5)}
     window = layout.window(cfg, index)
     if window is not None:
-        attrs["local_window_size"] = int(window) - 1
+        attrs["local_window_size"] = int(window)
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     if softcap:
         attrs["softcap"] = float(softcap)
