@@ -137,3 +137,18 @@ def test_a_gguf_of_an_unregistered_architecture_names_it(tmp_path):
     writer.close()
     with pytest.raises(errors.UnsupportedArchitecture, match=r"'mamba'.*supported are .*gemma3.*qwen2"):
         load_gguf(path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "phi3"])
+def test_device_variants_of_new_families_are_fused_and_close_to_fp32(tmp_path, family):
+    """int4/int8/fp16 device weights for the new families: fused layers, measured against fp32."""
+    from splitllm_export.export import export_bundle
+    from splitllm_export.sources import load_tiny
+
+    source = load_tiny(family, num_layers=2)
+    path = export_bundle(source, tmp_path / "b", show_progress=False, client_weights=["int4", "int8", "fp16"])
+    variants = Bundle.open(path, verify=False).manifest["variants"]
+    for name in ("int4", "int8", "fp16"):
+        assert variants[name]["fused_layers"] is True, name
+        quality = variants[name]["quality"]
+        assert quality["top1_agreement"] > {"int4": 0.5, "int8": 0.9, "fp16": 0.99}[name], (name, quality)
