@@ -7,10 +7,11 @@ per session and exported once (validation only at the splits tested here), cache
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
-from conftest import CACHE, _code_key
+from conftest import CACHE, REPO, _code_key
 
 from splitllm.client import SplitClient
 from splitllm.model.bundle import MANIFEST, Bundle
@@ -37,10 +38,18 @@ def _source(name: str):
     return _sources[name]
 
 
+def _key() -> str:
+    """conftest's code key plus the family files (its glob does not reach the subpackage)."""
+    h = hashlib.sha256(_code_key().encode())
+    for f in sorted((REPO / "exporter" / "splitllm_export" / "families").glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _bundle(name: str):
     from splitllm_export.export import export_bundle
 
-    path = CACHE / f"{name}-{_code_key()}"
+    path = CACHE / f"{name}-{_key()}"
     if not (path / MANIFEST).is_file():
         for old in CACHE.glob(f"{name}-*"):
             shutil.rmtree(old, ignore_errors=True)
