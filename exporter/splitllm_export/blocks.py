@@ -195,6 +195,13 @@ def export_blocks(
                 emit(f"layer.{i}", f"layer_{i}.onnx", spec.layer(model, i), tuple(args), ins, outs,
                      {k: v for k, v in axes.items() if k in ins or k in outs})
             last = f"h{shapes.num_layers}"
+            if rotary is not None:  # built from the weights: no trace or serialisation of the big table
+                for name, last_only in (("head", False), ("head_last", True)):
+                    if progress:
+                        progress(name)
+                    proto = fused.head_proto(model, spec, shapes, last_only, OPSET)
+                    save(name, f"{name}.onnx", proto, [last], ["logits"], spec.head(model, last_only))
+                return blocks
             # No constant folding for the head: folding would store a transposed copy of a tied
             # embedding matrix instead of sharing the embedding's initializer.
             emit("head", "head.onnx", spec.head(model, False), (hidden,), [last], ["logits"],
