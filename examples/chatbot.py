@@ -27,14 +27,15 @@ from splitllm.testing.server import spawn
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ensure_bundle(path: Path) -> None:
-    """Export the built-in model to ``path`` unless a bundle is already there."""
+def ensure_bundle(path: Path, model: str = "smollm2") -> None:
+    """Export the built-in ``model`` to ``path`` unless a bundle is already there."""
     if (path / MANIFEST).is_file():
         return
-    print(f"exporting the built-in SmolLM2-135M-Instruct to {path} (about a minute, once) ...", flush=True)
+    print(f"exporting the built-in {model} to {path} (once: a minute for SmolLM2, a few for the others) ...",
+          flush=True)
     from splitllm_export.cli import main as export_main
 
-    if export_main(["--builtin", "smollm2", "-o", str(path), "--force"]) != 0:
+    if export_main(["--builtin", model, "-o", str(path), "--force"]) != 0:
         raise SystemExit("export failed")
 
 
@@ -49,7 +50,10 @@ async def chat(args: argparse.Namespace, url: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default=str(REPO / "bundles" / "smollm2"))
+    parser.add_argument("--model", default="smollm2",
+                        help="built-in model to export if --bundle is missing: smollm2 (default), qwen2.5-coder-0.5b, "
+                             "gemma3-270m (the last two need `make models`)")
+    parser.add_argument("--bundle", default=None, help="bundle directory (default: bundles/<model>)")
     parser.add_argument("--server", default=None, help="server URL (default: start a local server)")
     parser.add_argument("--token", default=None)
     parser.add_argument("--split", type=int, default=None, help="layers on this device (default: a third)")
@@ -62,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sla-token-ms", type=float, default=None, help="per-token SLA: let the planner split")
     parser.add_argument("--sla-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLA (with --sla-token-ms)")
     args = parser.parse_args(argv)
+    args.bundle = args.bundle or str(REPO / "bundles" / args.model)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     proc = None
     try:
         url = args.server
         if url is None:
-            ensure_bundle(Path(args.bundle))
+            ensure_bundle(Path(args.bundle), args.model)
             print("starting a local splitllm-server ...", flush=True)
             proc, url = spawn(Path(args.bundle))
             print(f"server at {url}", flush=True)

@@ -31,7 +31,7 @@ def _code_key() -> str:
             h.update(f"{dist}=={metadata.version(dist)};".encode())
         except metadata.PackageNotFoundError:
             h.update(f"{dist} absent;".encode())
-    files = sorted((REPO / "exporter" / "splitllm_export").glob("*.py"))
+    files = sorted((REPO / "exporter" / "splitllm_export").rglob("*.py"))  # families/ too
     files += [REPO / "sdk" / "splitllm" / "model" / n for n in ("graphs.py", "bundle.py", "runtime.py", "text.py")]
     for f in files:
         h.update(f.name.encode())

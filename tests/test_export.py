@@ -275,3 +275,11 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_the_cli_offers_every_weight_variant_the_quantizer_makes():
+    from splitllm_export import cli, quantize
+
+    assert cli.WEIGHT_VARIANTS == quantize.VARIANTS
+    assert cli.build_parser().parse_args(["--builtin", "smollm2", "-o", "x", "--client-weights", "int4-q41,fp16"]
+                                         ).client_weights == ["int4-q41", "fp16"]

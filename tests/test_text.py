@@ -443,3 +443,34 @@ def test_save_from_transformers_needs_a_fast_tokenizer(tmp_path):
 
     with pytest.raises(ConfigError, match="fast tokenizer"):
         TextCodec.save_from_transformers(SlowTokenizer(), tmp_path)
+
+
+# -- models without a chat template: plain text -----------------------------------------------------
+
+
+def test_one_user_message_without_template_is_plain_text(gpt2_like):
+    messages = [{"role": "user", "content": "Hello world"}]
+    assert gpt2_like.render_chat(messages) == "Hello world"
+    assert gpt2_like.encode_chat(messages) == gpt2_like.encode_plain("Hello world")
+
+
+def test_plain_text_gets_the_bos_the_tokenizer_adds_like_transformers(tmp_path):
+    """A Gemma-like tokenizer whose post-processor puts BOS first: same ids as transformers."""
+    import transformers
+    from tokenizers import processors
+
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, "▁": 3}
+    for piece in "abcdefghijklmnopqrstuvwxyzTF":
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.add_special_tokens(["<unk>", "<bos>", "<eos>"])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    codec = TextCodec.from_files(path, None, "<bos>", "<eos>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<bos>", eos_token="<eos>")
+    prompt = "The capital of France is"
+    assert codec.encode_plain(prompt) == hf(prompt)["input_ids"]
+    assert codec.encode_plain(prompt)[0] == 1
+    assert codec.encode_chat([{"role": "user", "content": prompt}]) == hf(prompt)["input_ids"]

