@@ -16,11 +16,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = (REPO / "sdk", REPO / "exporter", REPO / "server_stub")
-KNOWN_CYCLES = (
-    "splitllm.model.bundle <-> splitllm.model.runtime",
-    "splitllm_export.blocks <-> splitllm_export.fused",
-    "splitllm_server.app <-> splitllm_server.planning",
-)
 
 
 def module_files(roots: Iterable[Path]) -> dict[str, Path]:
