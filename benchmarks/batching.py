@@ -39,7 +39,7 @@ def _load(bundle: Path, clients: int, tokens: int, split: int, codec: str, serve
     server = Server(bundle, server_args)
     try:
         ns = argparse.Namespace(bundle=bundle, clients=clients, tokens=tokens, split=split, codec=codec,
-                                max_seconds=max_seconds)
+                                max_seconds=max_seconds, speculate="off")
         return asyncio.run(run(ns, server))
     finally:
         server.stop()
@@ -51,7 +51,8 @@ async def _long_prompt(bundle_path: Path, url: str, clients: int, tokens: int, s
 
     Returns the decoding clients' per-token gaps over the whole run and during the long prefill."""
     bundle = Bundle.open(bundle_path)
-    make = lambda: SplitClient(bundle, url, split=split, codec=codec, threads=1, fallback_local=False)  # noqa: E731
+    make = lambda: SplitClient(bundle, url, split=split, codec=codec, threads=1, fallback_local=False,  # noqa: E731
+                               speculate="off")
     decoders = [make() for _ in range(clients)]
     long_client = make()
     for c in [*decoders, long_client]:

@@ -143,7 +143,8 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
         for _ in range(args.clients):  # one after another: 32 sessions built at once would spike memory
             # No local fallback: a client that lost its server must count as an error, not go on
             # silently with every layer here.
-            c = SplitClient(bundle, server.url, split=args.split, codec=args.codec, threads=1, fallback_local=False)
+            c = SplitClient(bundle, server.url, split=args.split, codec=args.codec, threads=1, fallback_local=False,
+                            speculate=args.speculate)
             clients.append(c)
             await asyncio.wait_for(c.connect(), timeout=max(deadline - time.monotonic(), 1))
         connect_s = time.perf_counter() - began
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", default="int8-block64")
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop connecting and generating by then")
     p.add_argument("--server-args", default="", help="extra splitllm-server arguments, e.g. '--chunk-units 0'")
+    p.add_argument("--speculate", default="off",
+                   help="the clients' speculation (default off: one token per step, what the server's batching sees)")
     args = p.parse_args(argv)
     ensure_bundle(args.bundle)
     server = Server(args.bundle, shlex.split(args.server_args))

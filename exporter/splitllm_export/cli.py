@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitllm.errors import SplitLLMError
-from splitllm_export.registry import family_names, supported_gguf_archs
 
 DEFAULT_OUTPUT = "bundles/smollm2"
 # What the exporter needs beyond the device install; a missing one means the extra is not installed.
@@ -37,6 +36,9 @@ def _parse_weights(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (reads the architecture registry, whose family files import torch)."""
+    from splitllm_export.registry import family_names, supported_gguf_archs
+
     parser = argparse.ArgumentParser(
         prog="splitllm-export",
         description="Export an LLM as a SplitLLM bundle: per-layer ONNX blocks that compose into any "
@@ -87,8 +89,21 @@ def load_source(args: argparse.Namespace):  # noqa: ANN201 - splitllm_export.sou
     return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.builtin_model_id(name))
 
 
+def _missing_extra(exc: ModuleNotFoundError) -> int:
+    """A device-only install: name the extra to install instead of a traceback."""
+    if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+        raise exc
+    print(f"splitllm-export: error: the exporter needs {exc.name}, which is not installed (a device-only "
+          "install has no torch); install the export extra: pip install 'splitllm[export]'", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:
+        return _missing_extra(exc)
+    args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from splitllm_export.export import export_bundle
@@ -115,11 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"splitllm-export: error: {exc}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
-            raise
-        print(f"splitllm-export: error: the exporter needs {exc.name}, which is not installed (a device-only "
-              "install has no torch); install the export extra: pip install 'splitllm[export]'", file=sys.stderr)
-        return 1
+        return _missing_extra(exc)
     except KeyboardInterrupt:
         print("splitllm-export: interrupted; nothing was written", file=sys.stderr)
         return 130

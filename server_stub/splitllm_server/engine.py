@@ -408,9 +408,8 @@ class Engine:
             self._decode_piece_s = _ewma(self._decode_piece_s, seconds)
         else:
             self._prompt_token_s = _ewma(self._prompt_token_s, seconds / group[0].chunk_len)
-        share = seconds / len(group)
         for job in group:
-            job.compute_s += share
+            job.compute_s += seconds  # the job waited for the whole run, whatever its share
             self._advance(job)
 
     def _run_pooled(self, piece: Piece, group: list[_Job]) -> None:
@@ -497,8 +496,11 @@ class Engine:
 
     def _reply(self, job: _Job) -> tuple[wire.Result, RunTiming]:
         msg = job.msg
-        started = job.started if job.started is not None else job.enqueued
-        timing = RunTiming(queue_ms=max(0.0, (started - job.enqueued) * 1e3), compute_ms=job.compute_s * 1e3)
+        # Everything the job spent in the engine that was not a run it took part in is queueing:
+        # waiting for its first piece and for other pieces between its own. The client subtracts
+        # both from a request's wall time to estimate the network's share.
+        in_engine_ms = (time.perf_counter() - job.enqueued) * 1e3
+        timing = RunTiming(queue_ms=max(0.0, in_engine_ms - job.compute_s * 1e3), compute_ms=job.compute_s * 1e3)
         for obs in self._observers:
             obs("queue_ms", timing.queue_ms)
         if msg.want == "token":
