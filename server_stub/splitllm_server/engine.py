@@ -72,6 +72,7 @@ log = logging.getLogger("splitllm.server.engine")
 _MIN_CHUNK = 8  # positions: below this a chunk costs more in per-run overhead than it saves
 _PROMPT_SHARE = 0.5  # a prompt's chunk-piece may take this fraction of a decode batch's piece
 _EWMA = 0.2
+_DECODE_RECENT_S = 1.0  # a decode batch this recent means sessions are decoding
 _IDLE_GAP_ROWS = 8  # a span is cut where more idle rows than this lie between two real ones
 
 
@@ -349,7 +350,11 @@ class Engine:
         if total == 1:
             return 1
         size = self.prefill_chunk
-        if any(j.msg.n_tokens == 1 for j in self._jobs):
+        # Others are decoding if one of their steps waits now or a decode batch ran moments ago
+        # (between two steps a session's job is on its way back from the client).
+        decoding = (any(j.msg.n_tokens == 1 for j in self._jobs)
+                    or time.perf_counter() - self._last_decode_at < _DECODE_RECENT_S)
+        if decoding:
             if self._decode_piece_s is not None and self._prompt_token_s is not None:
                 size = int(_PROMPT_SHARE * self._decode_piece_s / self._prompt_token_s)
             else:
@@ -382,6 +387,7 @@ class Engine:
 
     _last_was_decode = False
     _decode_piece_s: float | None = None
+    _last_decode_at = 0.0
     _prompt_token_s: float | None = None
 
     def _run_group(self, key: tuple[int, int, bool], group: list[_Job]) -> None:
@@ -406,6 +412,7 @@ class Engine:
         # Running costs that size prompt chunks (per piece, so piece lengths average out).
         if group[0].chunk_len == 1:
             self._decode_piece_s = _ewma(self._decode_piece_s, seconds)
+            self._last_decode_at = time.perf_counter()
         else:
             self._prompt_token_s = _ewma(self._prompt_token_s, seconds / group[0].chunk_len)
         for job in group:
