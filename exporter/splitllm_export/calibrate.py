@@ -41,7 +41,8 @@ def _kn(linear: Any) -> np.ndarray:
 def layer_input_stats(model: Any, tokens: int = CALIBRATION_TOKENS, seed: int = CALIBRATION_SEED) -> dict[str, InputStats]:
     """Input statistics of every Llama-layer linear group, keyed by :func:`weight_key`.
 
-    Groups as the fused layers build them: q/k/v, o, gate/up (one input each), down.
+    Groups as the fused layers build them: q/k/v (or a packed qkv), o, gate/up (or a packed
+    gate_up; one input each), down. A group whose key the builder does not meet is simply unused.
     """
     import torch
 
@@ -55,9 +56,13 @@ def layer_input_stats(model: Any, tokens: int = CALIBRATION_TOKENS, seed: int = 
         entry[1] = entry[1] + (x * x).sum(0)
         entry[2] += x.shape[0]
 
-    groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers]
+    def group(parent: Any, packed: str, parts: tuple[str, ...]) -> list[Any]:
+        """One packed projection (phi3's qkv_proj, gate_up_proj) or its parts, in the fused order."""
+        return [getattr(parent, packed)] if hasattr(parent, packed) else [getattr(parent, p) for p in parts]
+
+    groups = [group(layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")) for layer in layers]
     groups += [[layer.self_attn.o_proj] for layer in layers]
-    groups += [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers]
+    groups += [group(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj")) for layer in layers]
     groups += [[layer.mlp.down_proj] for layer in layers]
     bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
     generator = torch.Generator().manual_seed(seed)
