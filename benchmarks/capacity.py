@@ -40,9 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
-from live_workload import CLIENTS, ClientSpec
+from live_workload import CLIENTS, ClientSpec, metrics
 
 from splitllm.client import SplitClient
 from splitllm.device import LocalDevice
@@ -96,17 +95,6 @@ def _pin(cpu: int) -> None:
         pass
 
 
-async def _metrics(url: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as resp:
-        text = await resp.text()
-    out = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
-            out[parts[0]] = float(parts[1])
-    return out
-
-
 def _compute_s(m: dict[str, float]) -> float:
     for key in ("splitllm_compute_seconds_total", "splitllm_compute_seconds"):
         if key in m:
@@ -146,7 +134,7 @@ async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, 
                 pass
 
         await asyncio.gather(*(warm(c) for c in clients))
-        before, cpu0, t0 = await _metrics(url), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        before, cpu0, t0 = await metrics(url), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 
         async def one(i: int, c: SplitClient) -> None:
             nonlocal tokens
@@ -167,7 +155,7 @@ async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, 
 
         await asyncio.wait_for(asyncio.gather(*(one(i, c) for i, c in enumerate(clients))), args.step_seconds)
         wall = time.perf_counter() - t0
-        after, cpu1 = await _metrics(url), resource.getrusage(resource.RUSAGE_SELF)
+        after, cpu1 = await metrics(url), resource.getrusage(resource.RUSAGE_SELF)
     except (SplitLLMError, asyncio.TimeoutError) as exc:
         errors.append(f"step: {type(exc).__name__}: {exc}")
         wall, before, after, cpu0, cpu1 = 0.0, {}, {}, None, None

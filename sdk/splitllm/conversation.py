@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -247,22 +247,35 @@ class Conversation:
 
     # ------------------------------------------------------------------ failover
 
-    async def connect(self) -> None:
-        """Open the server session; a server refusing for load (TooManySessions) is asked again
-        with jittered backoff for up to ``failover_timeout_s``."""
-        if self.remote is None or self.remote.connected:
-            return
+    async def _with_backoff(self, attempt: Callable[[], Awaitable[None]],
+                            retry_on: tuple[type[BaseException], ...]) -> BaseException | None:
+        """Run ``attempt`` until it succeeds (None) or, retrying ``retry_on`` errors with jittered
+        backoff, ``failover_timeout_s`` has passed (the last error)."""
         deadline = time.monotonic() + self.failover_timeout_s
         delays = backoff_delays()
         while True:
             try:
-                await self.remote.connect(self.bundle.bundle_id, self.codec)
-                return
-            except TooManySessions:
+                await attempt()
+                return None
+            except retry_on as exc:
                 delay_s = next(delays)
                 if time.monotonic() + delay_s > deadline:
-                    raise
+                    return exc
                 await asyncio.sleep(delay_s)
+
+    async def connect(self) -> None:
+        """Open the server session; a server refusing for load (TooManySessions) is asked again
+        with jittered backoff for up to ``failover_timeout_s``."""
+        remote = self.remote
+        if remote is None or remote.connected:
+            return
+
+        async def attempt() -> None:
+            await remote.connect(self.bundle.bundle_id, self.codec)
+
+        error = await self._with_backoff(attempt, (TooManySessions,))
+        if error is not None:
+            raise error
 
     async def _failover(self, params: SamplingParams) -> None:
         """Reconnect with jittered backoff and rebuild the server's KV by replaying the conversation.
@@ -271,26 +284,22 @@ class Conversation:
         too, so both sides agree), which gives the same caches as the lost ones. A server that
         refuses for load (TooManySessions) is retried the same way, within the same deadline.
         """
-        if self.remote is None:
+        remote = self.remote
+        if remote is None:
             return
-        deadline = time.monotonic() + self.failover_timeout_s
-        delays = backoff_delays()
-        while True:
-            try:
-                await self.remote.connect(self.bundle.bundle_id, self.codec)
-                await self._replay(params)
-                break
-            except (ServerUnavailable, TooManySessions) as exc:
-                delay_s = next(delays)
-                if time.monotonic() + delay_s > deadline:
-                    if not self.fallback_local:
-                        self._consistent = False
-                        raise ServerUnavailable(
-                            f"the server at {self.remote.url} did not come back within {self.failover_timeout_s} s"
-                        ) from exc
-                    await self._go_local(params)
-                    break
-                await asyncio.sleep(delay_s)
+
+        async def attempt() -> None:
+            await remote.connect(self.bundle.bundle_id, self.codec)
+            await self._replay(params)
+
+        error = await self._with_backoff(attempt, (ServerUnavailable, TooManySessions))
+        if error is not None:
+            if not self.fallback_local:
+                self._consistent = False
+                raise ServerUnavailable(
+                    f"the server at {remote.url} did not come back within {self.failover_timeout_s} s"
+                ) from error
+            await self._go_local(params)
         self.failovers += 1
 
     async def _replay(self, params: SamplingParams) -> None:
