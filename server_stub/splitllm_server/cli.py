@@ -150,7 +150,7 @@ async def serve(config: ServerConfig) -> None:
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(draining.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if draining.is_set() and not stop.is_set():
-            log.warning("SIGTERM: draining (grace %g s, then up to %g s)", config.drain_grace_s,
+            log.info("SIGTERM: draining (grace %g s, then up to %g s)", config.drain_grace_s,
                         config.drain_timeout_s)
             # After the grace period new connections are refused: the balancer sends them elsewhere.
             drained = asyncio.ensure_future(drain(app, stop_listening=site.stop))
