@@ -164,8 +164,7 @@ class Conversation:
 
     async def prepare_empty(self) -> None:
         """Cut both sides back to no cached position."""
-        if self.remote is not None and not self.remote.connected:
-            await self.remote.connect(self.bundle.bundle_id, self.codec)
+        await self.connect()
         await self._rewind(0)
 
     async def step(self, feed: list[int], params: SamplingParams) -> int:

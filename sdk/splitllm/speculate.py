@@ -151,6 +151,12 @@ class ModelDrafter:
             del self.seen[length:]
 
 
+def _expected_tokens(p: float, gamma: int) -> float:
+    """Tokens a round with ``gamma`` drafts yields when each draft is kept with probability ``p``
+    (< 1): the kept prefix plus the model's own next token."""
+    return (1 - p ** (gamma + 1)) / (1 - p)
+
+
 class GammaController:
     """How many drafts pay off at the measured acceptance rate, round trip and costs.
 
@@ -190,8 +196,7 @@ class GammaController:
         p = min(max(self.acceptance, 0.0), 0.99)
         best_g, best_rate = 0, 1.0 / (rtt_ms + self.verify_ms)
         for g in range(1, self.max_gamma + 1):
-            tokens = (1 - p ** (g + 1)) / (1 - p)
-            rate = tokens / (rtt_ms + g * self.draft_ms + self.verify_ms)
+            rate = _expected_tokens(p, g) / (rtt_ms + g * self.draft_ms + self.verify_ms)
             if rate > best_rate * 1.02:  # a draft must pay a little more than it costs
                 best_g, best_rate = g, rate
         return best_g
@@ -199,8 +204,7 @@ class GammaController:
     def tokens_per_round(self, rtt_ms: float) -> float:
         """Tokens a round trip is expected to yield at the gamma :meth:`gamma` would pick."""
         g = self.fixed if self.fixed is not None else self._best(rtt_ms)
-        p = min(max(self.acceptance, 0.0), 0.99)
-        return (1 - p ** (g + 1)) / (1 - p)
+        return _expected_tokens(min(max(self.acceptance, 0.0), 0.99), g)
 
     def observe(self, drafted: int, accepted: int, draft_ms: float, verify_ms: float) -> None:
         """One round: ``drafted`` drafts, ``accepted`` kept, what drafting and verifying took here

@@ -26,7 +26,7 @@ import numpy as np
 
 from splitllm.errors import ConfigError
 from splitllm.model.bundle import Bundle
-from splitllm.planner.profile import default_cache_dir
+from splitllm.planner.profile import default_cache_dir, save_cached
 from splitllm_server.kvpool import KVPool
 from splitllm_server.pieces import BatchRow, Piece
 
@@ -123,11 +123,5 @@ def load_or_measure_curve(bundle: Bundle, variant: str, threads: int, max_batch:
     except (OSError, ValueError, TypeError, KeyError):
         pass
     curve = measure_curve(bundle, variant, threads, max_batch, options)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(curve.to_dict()))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs a new measurement next time
+    save_cached(path, curve.to_dict())
     return curve

@@ -234,11 +234,14 @@ class Engine:
 
     def segments(self, start: int, end: int) -> list[Piece]:
         """The loaded pieces that run ``[start, end)`` in order (built now if needed); blocks."""
-        return self.call_blocking(lambda: [self.pieces_cache.get(a, b) for a, b in self.pieces(start, end)])
+        return self.call_blocking(lambda: self._load_pieces(start, end))
 
     async def warm_up(self, start: int, end: int) -> None:
         """Load the pieces of ``[start, end)`` before a client needs them."""
-        await self.call(lambda: [self.pieces_cache.get(a, b) for a, b in self.pieces(start, end)])
+        await self.call(self._load_pieces, start, end)
+
+    def _load_pieces(self, start: int, end: int) -> list[Piece]:
+        return [self.pieces_cache.get(a, b) for a, b in self.pieces(start, end)]
 
     def observe(self, fn: Callable[[str, float], None]) -> None:
         """Call ``fn(name, value)`` from the engine thread for every "batch_rows", "step_ms" and

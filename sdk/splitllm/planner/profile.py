@@ -140,11 +140,16 @@ def load_or_measure(bundle: Bundle, *, threads: int = 0, cache_dir: Path | None 
             pass  # unreadable cache: measure again
     profile = measure(bundle, options=RuntimeOptions(intra_op_threads=threads, allow_spinning=False), variant=variant,
                       **kwargs)
+    save_cached(path, profile.to_dict())
+    return profile
+
+
+def save_cached(path: Path, data: dict[str, Any]) -> None:
+    """Write a measurement to the cache atomically; a read-only cache only costs measuring again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(profile.to_dict()))
+        tmp.write_text(json.dumps(data))
         tmp.replace(path)
     except OSError:
-        pass  # a read-only home still gets a profile, just not a cached one
-    return profile
+        pass
