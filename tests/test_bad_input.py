@@ -184,3 +184,17 @@ def test_server_and_generate_cli(tiny_export):
     r = subprocess.run([sys.executable, "-m", "splitllm_server.cli", "--bundle", "/nonexistent/b"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no bundle directory" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_no_websocket_compression_is_negotiated(tiny_export, start_server):
+    """A client offering permessage-deflate gets none (no inflating on the server's event loop, no
+    small frame that inflates to a large one), and the SDK does not offer it."""
+    path, _ = tiny_export("llama", layers=3)
+    server = await start_server(path)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(server.url.replace("http", "ws") + "/v1/session", compress=15)
+        assert ws.compress == 0
+        await ws.close()
+    async with SplitClient(path, server.url, split=1) as client:
+        await client.connect()
+        assert client.remote.ws.compress == 0

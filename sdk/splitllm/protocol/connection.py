@@ -112,8 +112,9 @@ class Remote:
         if self.http is None:
             self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout_s))
         try:
+            # compress=0: no permessage-deflate (payloads are already quantised; docs/protocol.md).
             self.ws = await self.http.ws_connect(self._ws_url(), headers=headers, max_msg_size=0,
-                                                heartbeat=self.heartbeat_s, ssl=self.ssl)
+                                                heartbeat=self.heartbeat_s, ssl=self.ssl, compress=0)
         except aiohttp.WSServerHandshakeError as exc:
             await self.close()
             if exc.status == 401:
