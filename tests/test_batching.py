@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from helpers import chat_ids
 from splitllm import codec as codecs
 from splitllm import errors
 from splitllm.client import SplitClient
-from splitllm.model.bundle import Bundle
+from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
+from splitllm.model.runtime import RuntimeOptions
 from splitllm.model.sampling import SamplingParams
 from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile
@@ -19,6 +21,7 @@ from splitllm.protocol import wire
 from splitllm.protocol.plan import PlanRequest
 from splitllm_export.validate import reference_run
 from splitllm_server.costcurve import BatchCurve
+from splitllm_server.pieces import PieceCache
 
 PROMPTS = ["Tell me a story about a robot.", "What is two plus two?", "Name a colour.", "Say hello.",
            "Why is the sky blue?", "Count to five.", "Write a haiku.", "Describe a cat."]
@@ -86,6 +89,26 @@ async def test_long_prompt_runs_in_chunks_between_the_others_steps(tiny_export, 
     refs = [reference_run(source.model, ids, n - 1).tokens for _, ids, n, _ in plans]
     assert got == refs
     assert len(long_ids) > 8 * 4  # the prompt did need several chunks
+
+
+def test_pieces_are_built_off_the_engine_thread_and_a_failed_build_is_reported(tiny_export):
+    """The engine asks ready(): a missing piece builds on the loader thread while the engine
+    goes on with the others' steps; its error reaches the engine once, nothing half-loaded."""
+    path, _ = tiny_export("llama", layers=4)
+    cache = PieceCache(Bundle.open(path), RuntimeOptions(intra_op_threads=1), DEFAULT_VARIANT, max_pieces=8)
+    built = threading.Event()
+    key = cache.key(1, 3)
+    assert not cache.ready(key, on_built=built.set)  # started, not there yet
+    assert built.wait(60)
+    assert cache.ready(key) and len(cache) == 1
+    assert cache.get(1, 3) is cache.get(1, 3)  # no second build
+    bad = (3, 1, False)  # an empty range: ORT cannot build it
+    assert not cache.ready(bad)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the build raised
+        cache.ready(bad, wait=True)
+    assert len(cache) == 1  # only the good piece
+    cache.clear()
+    assert len(cache) == 0
 
 
 async def test_a_faulty_client_fails_alone_and_the_batch_goes_on(tiny_export, start_server):

@@ -365,10 +365,44 @@ class Engine:
             size = max(_MIN_CHUNK, min(size, self.prefill_chunk))
         return min(total, job.done_upto + size)
 
+    def _runnable(self) -> list[_Job]:
+        """The jobs whose next piece is loaded. A missing piece is built on the loader thread
+        meanwhile (the others' steps go on); a piece that fails to build fails its jobs."""
+        ready: dict[tuple[int, int, bool], bool] = {}
+        runnable = []
+        for job in list(self._jobs):
+            key = job.next_piece
+            if key not in ready:
+                try:
+                    ready[key] = self.pieces_cache.ready(key, on_built=self._piece_built)
+                except Exception as exc:  # the build's error (ORT's own types, or ours)
+                    log.error("loading units [%d, %d) failed: %s", key[0], key[1], exc)
+                    failure = RuntimeFailure(f"loading units [{key[0]}, {key[1]}) on the server failed: {exc}")
+                    for other in [j for j in self._jobs if j.next_piece == key]:
+                        self._fail(other, failure)
+                    ready[key] = False
+            if ready[key] and not job.future.done():
+                runnable.append(job)
+        return runnable
+
+    def _piece_built(self) -> None:
+        with self._cond:
+            self._built = True
+            self._cond.notify()
+
+    _built = False
+
     def _run_next(self) -> None:
         """Run one piece: the batch of decode steps at the earliest piece, or one prompt chunk."""
-        decode = [j for j in self._jobs if j.chunk_len == 1]
-        prompts = [j for j in self._jobs if j.chunk_len > 1]
+        runnable = self._runnable()
+        if not runnable:  # every job waits for a piece being built
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._built or self._incoming or self._calls or self._stop
+                                                 or not self._jobs))
+                self._built = False
+            return
+        decode = [j for j in runnable if j.chunk_len == 1]
+        prompts = [j for j in runnable if j.chunk_len > 1]
         # Alternate: a prompt chunk after every decode batch, so neither starves.
         if prompts and (not decode or self._last_was_decode):
             job = prompts[0]
@@ -394,7 +428,7 @@ class Engine:
     _prompt_token_s: float | None = None
 
     def _run_group(self, key: tuple[int, int, bool], group: list[_Job]) -> None:
-        piece = self.pieces_cache.get(*key)  # building a session is not compute: not timed
+        piece = self.pieces_cache.get(*key)  # loaded (``_runnable``)
         began = time.perf_counter()
         for job in group:
             if job.started is None:

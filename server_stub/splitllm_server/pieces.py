@@ -14,6 +14,8 @@ step in the batch are idle rows (see ``kvpool``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +120,13 @@ class Piece:
 
 
 class PieceCache:
-    """An LRU of loaded pieces, keyed by (start, end, last_only)."""
+    """An LRU of loaded pieces, keyed by (start, end, last_only).
+
+    :meth:`get` builds a missing piece where it is called. The engine instead asks :meth:`ready`,
+    which starts a missing piece's build on a loader thread and answers False until it is done:
+    building an ORT session takes about 100 ms for a few of SmolLM2's layers, and the steps of
+    every other session would wait that long behind it on the engine thread.
+    """
 
     def __init__(self, bundle: Bundle, options: RuntimeOptions, variant: str, max_pieces: int) -> None:
         self.bundle = bundle
@@ -126,17 +134,51 @@ class PieceCache:
         self.variant = variant
         self.max_pieces = max_pieces
         self._pieces: OrderedDict[tuple[int, int, bool], Piece] = OrderedDict()
+        self._building: dict[tuple[int, int, bool], Future[Piece]] = {}
+        self._loader: ThreadPoolExecutor | None = None
+
+    def key(self, start: int, end: int, last_only: bool | None = None) -> tuple[int, int, bool]:
+        """The cache key of [start, end); only a head piece has a ``last_only`` of True."""
+        last_only = end == self.bundle.num_units if last_only is None else last_only and end == self.bundle.num_units
+        return (start, end, last_only)
 
     def get(self, start: int, end: int, last_only: bool | None = None) -> Piece:
-        """The piece for [start, end); a head piece keeps only the last position's logits unless
-        ``last_only`` is False."""
-        last_only = end == self.bundle.num_units if last_only is None else last_only and end == self.bundle.num_units
-        key = (start, end, last_only)
+        """The piece for [start, end), built now if missing; a head piece keeps only the last
+        position's logits unless ``last_only`` is False."""
+        key = self.key(start, end, last_only)
+        if key in self._building:  # a build under way: take its result
+            self.ready(key, wait=True)
         piece = self._pieces.get(key)
         if piece is not None:
             self._pieces.move_to_end(key)
             return piece
-        piece = self._pieces[key] = Piece(self.bundle, start, end, last_only, self.options, self.variant)
+        return self._insert(key, self._build(key))
+
+    def ready(self, key: tuple[int, int, bool], *, wait: bool = False,
+              on_built: Callable[[], None] | None = None) -> bool:
+        """True if the piece for ``key`` is loaded; if not, start building it in the background
+        (``on_built`` is called from the loader thread when it is done) and return False.
+        Raises the build's error (RuntimeFailure) once, to the caller that finds it failed."""
+        if key in self._pieces:
+            return True
+        future = self._building.get(key)
+        if future is None:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitllm-piece-loader")
+            future = self._building[key] = self._loader.submit(self._build, key)
+            if on_built is not None:
+                future.add_done_callback(lambda _f: on_built())
+        if not (wait or future.done()):
+            return False
+        del self._building[key]
+        self._insert(key, future.result())
+        return True
+
+    def _build(self, key: tuple[int, int, bool]) -> Piece:
+        return Piece(self.bundle, key[0], key[1], key[2], self.options, self.variant)
+
+    def _insert(self, key: tuple[int, int, bool], piece: Piece) -> Piece:
+        self._pieces[key] = piece
         while len(self._pieces) > self.max_pieces:
             self._pieces.popitem(last=False)
         return piece
@@ -149,4 +191,8 @@ class PieceCache:
         return list(self._pieces.values())
 
     def clear(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True, cancel_futures=True)
+            self._loader = None
+        self._building.clear()
         self._pieces.clear()
