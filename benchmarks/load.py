@@ -150,10 +150,11 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
         connect_s = time.perf_counter() - began
         go = asyncio.Event()
         tasks = [asyncio.create_task(one_client(c, i, args.tokens, go, res)) for i, c in enumerate(clients)]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         go.set()
         done, pending = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 1))
         wall_s = time.perf_counter() - t0
+        client_cpu_s = time.process_time() - cpu0
         for task in pending:
             task.cancel()
         if pending:
@@ -162,7 +163,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
     except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - a failed connect is an error too
         res.errors[f"connect: {type(exc).__name__}"] += 1
         print(f"connect failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        connect_s, wall_s = time.perf_counter() - began, 0.0
+        connect_s, wall_s, client_cpu_s = time.perf_counter() - began, 0.0, 0.0
     finally:
         failovers = sum(c.failovers for c in clients)
         for c in clients:
@@ -182,6 +183,9 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
         "first_token_p50_ms": pct(first_ms, 50), "first_token_p99_ms": pct(first_ms, 99),
         "server_vm_hwm_bytes": server.vm_hwm_bytes(), "server_peak_rss_bytes": int(after.get("splitllm_peak_rss_bytes", 0)),
         "client_process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # CPU seconds of this process (every client: device layers, codec, protocol) while they
+        # generated: on a small machine they compete with the server for its cores.
+        "client_cpu_s": round(client_cpu_s, 2),
         "metrics_before": before, "metrics_after": after,
     }
 
