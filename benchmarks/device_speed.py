@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     common = {"bundle": str(args.bundle), "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads}
     specs: list[dict[str, Any]] = []
     if importlib.util.find_spec("llama_cpp") is None:
-        print("llama-cpp-python is not installed: skipping the llama.cpp row (pip install llama-cpp-python; "
-              "a benchmark-only dependency, it builds from source in a few minutes)", flush=True)
+        print("llama-cpp-python is not installed: skipping the llama.cpp row (a benchmark-only dependency that "
+              "builds from source in ~10 minutes; the portable build command is in docs/models.md)", flush=True)
     else:
         gguf = str(_bundle_gguf(Bundle.open(args.bundle, verify=False).manifest))
         # ggml's OpenMP threads spin at barriers; on a shared machine passive waiting can be faster.
