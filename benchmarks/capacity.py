@@ -130,7 +130,8 @@ async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, 
                                    for c, s, i in zip(clients, specs, ids, strict=True)))
 
         async def warm(c: SplitClient) -> None:
-            async for _ in c.generate("Say hello.", max_new_tokens=4, ignore_eos=True):
+            # Long enough for a planned client's follower to measure its model error and re-plan.
+            async for _ in c.generate("Say hello.", max_new_tokens=args.warmup_tokens, ignore_eos=True):
                 pass
 
         await asyncio.gather(*(warm(c) for c in clients))
@@ -170,8 +171,10 @@ async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, 
         p50 = float(np.percentile(gaps[i], 50)) if gaps[i] else None
         ok = p50 is not None and p50 <= spec.token_ms and ttft[i] is not None and ttft[i] <= spec.ttft_ms
         within.append(ok)
+        follower = clients[i].follower
         per_client.append({"client": spec.name, "p50_ms": p50, "ttft_ms": ttft[i], "within": ok,
-                           "server_units": sum(s == "server" for s in clients[i].placement.sides)})
+                           "server_units": sum(s == "server" for s in clients[i].placement.sides),
+                           "model_error_ms": follower.model_error_ms if follower is not None else None})
     busy = _compute_s(after) - _compute_s(before) if after else 0.0
     client_cpu = ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) if cpu0 and cpu1 else 0.0
     return {"policy": policy, "clients": count, "within_sla": sum(within) / count, "errors": len(errors),
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2")
     p.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 6, 8, 10, 12, 16, 20, 24, 32])
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--warmup-tokens", type=int, default=16, help="tokens each client generates before the step")
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     p.add_argument("--codec", default="int8-block64")
     p.add_argument("--max-seconds", type=float, default=1200.0, help="whole run")

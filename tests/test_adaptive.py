@@ -268,3 +268,29 @@ async def test_the_placement_moves_up_a_range_only_past_a_margin_and_down_at_onc
         assert await placement_at(high.lo_bps * (1 + 1.5 * UP_MARGIN)) == high.plan.placement
         assert await placement_at(just_above) == high.plan.placement  # in its range: no reason to move
         assert await placement_at(high.lo_bps * 0.99) == low.plan.placement  # below its edge: at once
+
+
+def test_follower_learns_its_model_error_and_replans_for_the_sla_less_it():
+    """Decode steps slower than their plan predicted: the follower averages the difference,
+    asks for plans against the token SLA less it, and flags a re-plan when the plan in use
+    misses the SLA once corrected (never below half the SLA)."""
+    from splitllm.adaptive import PolicyFollower
+    from splitllm.planner.costs import PhaseSLA
+    from splitllm.planner.model import Plan
+    from splitllm.planner.solve import PolicyRange
+
+    profile = Profile(bundle_id="x", threads=1, prefill_tokens=8, context=16, prefill_ms=[1.0], decode_ms=[1.0])
+    follower = PolicyFollower(PhaseSLA(ttft_ms=500, token_ms=60), profile)
+    held = PolicyRange(0.0, float("inf"), Plan(("server",), 1.0, 55.0, True, "dp"))
+    follower.observe_decode(70.0)  # no plan in use yet: nothing learned
+    assert follower.model_error_ms == 0.0
+    follower._in_use["decode"] = held  # noqa: SLF001 - what placement_for records
+    for _ in range(3):  # the first step under a placement is not a sample (it may move KV)
+        follower.observe_decode(65.0)
+    assert follower.model_error_ms == pytest.approx(10.0)
+    assert follower.planned_sla.token_ms == pytest.approx(50.0)
+    assert not follower._stale  # noqa: SLF001 - two samples: too few to act on
+    follower.observe_decode(65.0)
+    assert follower._stale  # noqa: SLF001 - 55 + 10 > 60: ask again
+    follower.model_error_ms = 45.0
+    assert follower.planned_sla.token_ms == 30.0  # half the SLA at least

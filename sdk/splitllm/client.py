@@ -386,6 +386,8 @@ class SplitClient:
             stats.accepted += len(new) - 1
         else:
             new = [await conv.step([last], params)]
+            if self.follower is not None:
+                self.follower.observe_decode((time.perf_counter() - began) * 1e3)
         if controller is not None:
             verify_ms = max((time.perf_counter() - drafted) * 1e3 - rtt_ms, 0.0)
             draft_ms = (drafted - began) * 1e3
