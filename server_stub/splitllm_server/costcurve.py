@@ -33,6 +33,7 @@ from splitllm_server.pieces import BatchRow, Piece
 __all__ = ["BatchCurve", "load_or_measure_curve", "measure_curve"]
 
 _CONTEXT = 64  # cached positions behind every row while timing
+_LAYER_SPAN = 8  # layers timed together, per-layer time = run time / span
 _REPEATS = 5
 
 
@@ -100,16 +101,22 @@ def measure_curve(bundle: Bundle, variant: str, threads: int, max_batch: int, op
         batches.append(max_batch)
     pool = KVPool(bundle.shapes, max_batch, _CONTEXT + 1)
     last = bundle.num_units - 1
+    # A layer is timed inside a run of several: one layer run again and again keeps its weights
+    # in the CPU's last-level cache, which a model step never does (its layers stream from
+    # memory). On SmolLM2, one thread of a 2-core AMD EPYC, one layer alone: 0.50 ms at batch
+    # 1, against ~0.8 ms per layer in the server's steps (docs/planner.md).
+    span = min(_LAYER_SPAN, bundle.num_layers)
     kinds = {}
-    for name, unit in (("embed", 0), ("layer", 1), ("head", last)):
-        piece = Piece(bundle, unit, unit + 1, unit == last, options, variant)
+    for name, start, end in (("embed", 0, 1), ("layer", 1, 1 + span), ("head", last, last + 1)):
+        piece = Piece(bundle, start, end, end == last + 1, options, variant)
         _time_piece(piece, pool, 1)  # warm-up: the first run allocates
-        kinds[name] = tuple(round(_time_piece(piece, pool, b), 4) for b in batches)
+        kinds[name] = tuple(round(_time_piece(piece, pool, b) / (end - start), 4) for b in batches)
     return BatchCurve(bundle.bundle_id, variant, threads, tuple(batches), kinds["embed"], kinds["layer"], kinds["head"])
 
 
 def _cache_path(bundle: Bundle, variant: str, threads: int, max_batch: int) -> Path:
-    return default_cache_dir() / f"batchcurve-{bundle.bundle_id[:16]}-{variant}-t{threads}-b{max_batch}.json"
+    # "v2": layers timed in a run of several (curves timed one layer alone are not reused)
+    return default_cache_dir() / f"batchcurve-v2-{bundle.bundle_id[:16]}-{variant}-t{threads}-b{max_batch}.json"
 
 
 def load_or_measure_curve(bundle: Bundle, variant: str, threads: int, max_batch: int, options: Any) -> BatchCurve:
