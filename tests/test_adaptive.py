@@ -292,5 +292,9 @@ def test_follower_learns_its_model_error_and_replans_for_the_sla_less_it():
     assert not follower._stale  # noqa: SLF001 - two samples: too few to act on
     follower.observe_decode(65.0)
     assert follower._stale  # noqa: SLF001 - 55 + 10 > 60: ask again
+    follower.observe_decode(75.0)  # a slower step: the mean moves and the spread grows
+    assert follower.model_error_ms == pytest.approx(12.5)
+    assert follower.model_error_sd_ms == pytest.approx(18.75 ** 0.5)
+    assert follower.planned_sla.token_ms == pytest.approx(60 - 12.5 - 18.75 ** 0.5)
     follower.model_error_ms = 45.0
     assert follower.planned_sla.token_ms == 30.0  # half the SLA at least

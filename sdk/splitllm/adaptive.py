@@ -18,6 +18,7 @@ _ERROR_EWMA = 0.25  # weight of a new decode step in the model-error average
 _ERROR_MIN_STEPS = 3  # decode steps measured before the model error may trigger a re-plan
 _REPLAN_GAP_S = 1.0  # at most one re-plan for model error in this many seconds
 _MIN_PLANNED_SHARE = 0.5  # the token SLA planned for never drops below this share of the real one
+_ERROR_SPREADS = 1.0  # plan for the SLA less the mean model error and this many of its deviations
 
 
 class PolicyFollower:
@@ -39,7 +40,8 @@ class PolicyFollower:
     SLA, planned at 59.9 ms, measured 68-72 ms: ``benchmarks/capacity.py``, docs/capacity.md),
     so plans made to the edge of the SLA missed it. The follower therefore measures each decode
     step against the latency its plan predicted (:meth:`observe_decode`), keeps the average
-    difference (:attr:`model_error_ms`), plans for the token SLA minus that error, and asks
+    difference (:attr:`model_error_ms`) and its spread, plans for the token SLA minus the error
+    and one spread (a plan right at the edge misses half the time), and asks
     again as soon as the error says the plan in use misses its SLA.
     """
 
@@ -54,6 +56,7 @@ class PolicyFollower:
         self._in_use: dict[str, PolicyRange] = {}  # per phase: the range whose plan was last given
         self.tokens_per_round_trip = 1.0  # decode tokens one round trip yields (speculation: more)
         self.model_error_ms = 0.0  # measured decode step minus the plan's predicted latency (average)
+        self.model_error_sd_ms = 0.0  # its spread from step to step (standard deviation, averaged)
         self._error_steps = 0
         self._replanned_at = 0.0
         self._stale = False
@@ -62,7 +65,7 @@ class PolicyFollower:
     @property
     def planned_sla(self) -> PhaseSLA:
         """The SLA plans are asked for: the token SLA less the measured model error."""
-        token_ms = self.sla.token_ms - max(self.model_error_ms, 0.0)
+        token_ms = self.sla.token_ms - max(self.model_error_ms + _ERROR_SPREADS * self.model_error_sd_ms, 0.0)
         return PhaseSLA(self.sla.ttft_ms, max(token_ms, _MIN_PLANNED_SHARE * self.sla.token_ms))
 
     def observe_decode(self, wall_ms: float) -> None:
@@ -75,8 +78,13 @@ class PolicyFollower:
             self._observed = held
             return
         error = wall_ms - held.plan.latency_ms
-        self.model_error_ms = error if self._error_steps == 0 else (
-            (1 - _ERROR_EWMA) * self.model_error_ms + _ERROR_EWMA * error)
+        if self._error_steps == 0:
+            self.model_error_ms = error
+        else:
+            deviation = error - self.model_error_ms
+            self.model_error_ms += _ERROR_EWMA * deviation
+            variance = (1 - _ERROR_EWMA) * (self.model_error_sd_ms ** 2 + _ERROR_EWMA * deviation ** 2)
+            self.model_error_sd_ms = variance ** 0.5
         self._error_steps += 1
         if (self._error_steps >= _ERROR_MIN_STEPS
                 and held.plan.latency_ms + self.model_error_ms > self.sla.token_ms
