@@ -36,11 +36,11 @@ SERIAL = ["--max-batch", "1"]
 
 
 def _load(bundle: Path, clients: int, tokens: int, split: int, codec: str, server_args: list[str],
-          max_seconds: float) -> dict:
+          max_seconds: float, devices: str = "real") -> dict:
     server = Server(bundle, server_args)
     try:
         ns = argparse.Namespace(bundle=bundle, clients=clients, tokens=tokens, split=split, codec=codec,
-                                max_seconds=max_seconds, speculate="off")
+                                max_seconds=max_seconds, speculate="off", devices=devices)
         return asyncio.run(run(ns, server))
     finally:
         server.stop()
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-only", action="store_true", help="only the long-prompt measurement")
     p.add_argument("--max-seconds", type=float, default=600.0, help="per load run")
     p.add_argument("--server-args", default="", help="extra splitllm-server arguments for both engines")
+    p.add_argument("--devices", choices=("real", "phantom"), default="real",
+                   help="the load runs' clients: computing here (real) or asleep for their time (phantom; load.py)")
     args = p.parse_args(argv)
     ensure_bundle(args.bundle)
     extra = shlex.split(args.server_args)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         pair = {}
         for name, server_args in (("serial", SERIAL + extra), ("batched", extra)):
-            r = _load(args.bundle, n, args.tokens, args.split, args.codec, server_args, args.max_seconds)
+            r = _load(args.bundle, n, args.tokens, args.split, args.codec, server_args, args.max_seconds, args.devices)
             errors += r["errors"] + r["client_failovers"]
             pair[name] = r
             print(f"{n:3d} clients  {name:8s} {r['throughput_tok_s']:8.1f} tok/s   p50 {r['token_latency_p50_ms']} ms"
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     lone: dict[str, list[float]] = {"serial": [], "batched": []}
     for _ in range(0 if args.long_only else args.lone_repeats):
         for name, server_args in (("serial", SERIAL + extra), ("batched", extra)):
-            r = _load(args.bundle, 1, args.tokens, args.split, args.codec, server_args, args.max_seconds)
+            r = _load(args.bundle, 1, args.tokens, args.split, args.codec, server_args, args.max_seconds, args.devices)
             errors += r["errors"]
             lone[name].append(r["throughput_tok_s"])
     lone_med = {k: statistics.median(v) if v else 0.0 for k, v in lone.items()}
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median ratio {lone_ratio:.3f}")
     print(json.dumps({**summary, "lone_tok_s": lone, "lone_ratio": round(lone_ratio, 3), "errors": errors,
                       "long_prompt": long_report,
-                      "tokens": args.tokens, "split": args.split, "codec": args.codec}))
+                      "tokens": args.tokens, "split": args.split, "codec": args.codec, "devices": args.devices}))
     return 1 if errors else 0
 
 

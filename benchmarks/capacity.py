@@ -44,48 +44,15 @@ import numpy as np
 from live_workload import CLIENTS, ClientSpec, metrics
 
 from splitllm.client import SplitClient
-from splitllm.device import LocalDevice
 from splitllm.errors import SplitLLMError
 from splitllm.model.bundle import Bundle
-from splitllm.model.runtime import KVCache, RuntimeOptions
 from splitllm.planner.profile import Profile, load_or_measure
-from splitllm.testing import ShapedLink, scaled_profile, spawn_server, stop_server
+from splitllm.testing import PhantomDevice, ShapedLink, scaled_profile, spawn_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("all-server", "greedy", "dp")
 TOPICS = ("the sea", "a robot", "bread", "mountains", "a violin", "rain", "chess", "the moon", "tea", "a bridge")
 WITHIN = 0.95  # the share of clients within SLA that a count must reach to count as carried
-
-
-class PhantomDevice(LocalDevice):
-    """A device that takes its profiled time (asleep) and returns zeros instead of computing.
-
-    Its KV cache still grows by the positions it "ran" (zeros, in preallocated buffers), so KV
-    moves at placement switches send what the protocol expects.
-    """
-
-    def __init__(self, bundle: Bundle, profile: Profile) -> None:
-        super().__init__(bundle, RuntimeOptions(intra_op_threads=1, allow_spinning=False))
-        self.profile = profile
-        self.slept_s = 0.0
-
-    async def load(self, start: int, end: int) -> None:
-        return None  # nothing to load: no session is ever built
-
-    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
-                 all_logits: bool = False) -> np.ndarray:
-        tokens = int(x.shape[1])
-        per_unit = self.profile.decode_ms if tokens == 1 else self.profile.scaled_prefill_ms(tokens)
-        for unit in range(max(start, 1), min(end, self.bundle.num_layers + 1)):
-            cache.buffers(unit, past_len + tokens)
-            cache._grown(unit, past_len + tokens)  # noqa: SLF001 - the positions it stands in for
-        delay_s = sum(per_unit[start:end]) / 1e3
-        time.sleep(delay_s)
-        self.slept_s += delay_s
-        shapes = self.bundle.shapes
-        if end == self.bundle.num_units:
-            return np.zeros((1, tokens if all_logits else 1, shapes.vocab_size), dtype=np.float32)
-        return np.zeros((1, tokens, shapes.hidden_size), dtype=np.float32)
 
 
 def _pin(cpu: int) -> None:

@@ -9,7 +9,9 @@ session for its prefix, its own KV cache and its own WebSocket. On a 2-core mach
 bounded by giving clients a small prefix (``--split 2``: embeddings + 2 layers on the device) and
 one ORT intra-op thread each, without spinning (``threads=1``). Clients connect one after another,
 then all generate at once (greedy, ``ignore_eos=True``, so each makes exactly ``--tokens``
-tokens) from distinct short prompts.
+tokens) from distinct short prompts. ``--devices phantom``: the clients' layers take their
+profiled one-thread time asleep (``splitllm.testing.PhantomDevice``) instead of computing on the
+cores the server uses; the server's work is the same, the tokens are not.
 
 Measured: errors by class (must be 0); per-token latency = time between a client's consecutive
 tokens (p50/p99 over all gaps of all clients), time to first token; aggregate throughput = all
@@ -39,6 +41,8 @@ import numpy as np
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
 from splitllm.model.bundle import Bundle
+from splitllm.planner.profile import load_or_measure
+from splitllm.testing import PhantomDevice
 from splitllm.testing.server import spawn, stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,13 +142,19 @@ async def run(args: argparse.Namespace, server: Server) -> dict:
     before = await metrics(server.url)
     clients: list[SplitClient] = []
     res = Result()
+    phantom_profile = None
+    if getattr(args, "devices", "real") == "phantom":
+        # Devices elsewhere: each takes this machine's one-thread time for its layers, asleep,
+        # instead of computing on the cores the server uses (the tokens become meaningless).
+        phantom_profile = load_or_measure(bundle, threads=1)
     began = time.perf_counter()
     try:
         for _ in range(args.clients):  # one after another: 32 sessions built at once would spike memory
             # No local fallback: a client that lost its server must count as an error, not go on
             # silently with every layer here.
+            device = None if phantom_profile is None else PhantomDevice(bundle, phantom_profile)
             c = SplitClient(bundle, server.url, split=args.split, codec=args.codec, threads=1, fallback_local=False,
-                            speculate=args.speculate)
+                            speculate=args.speculate, device=device)
             clients.append(c)
             await asyncio.wait_for(c.connect(), timeout=max(deadline - time.monotonic(), 1))
         connect_s = time.perf_counter() - began
@@ -225,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", default="int8-block64")
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop connecting and generating by then")
     p.add_argument("--server-args", default="", help="extra splitllm-server arguments, e.g. '--chunk-units 0'")
+    p.add_argument("--devices", choices=("real", "phantom"), default="real",
+                   help="real: every client computes its layers in this process, on the server's cores; "
+                        "phantom: each sleeps its one-thread profiled time instead (a load test of the server)")
     p.add_argument("--speculate", default="off",
                    help="the clients' speculation (default off: one token per step, what the server's batching sees)")
     args = p.parse_args(argv)

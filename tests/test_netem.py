@@ -205,3 +205,30 @@ async def test_a_slow_device_lasts_as_long_as_its_profile_and_gives_the_same_tok
         assert client.slept_s > 0
     # Sleeping guarantees a lower bound: six steps (the prefill and 5 decodes) of 3 x 2 ms per unit.
     assert client.last_stats.seconds >= 6 * units * 6.0 / 1e3
+
+
+async def test_a_phantom_device_takes_its_profiled_time_and_only_the_shapes_of_a_run(tiny_export):
+    """PhantomDevice (server load tests): no compute, its profile's time asleep, outputs of the
+    right shape and a KV cache grown by the positions it stood in for."""
+    import numpy as np
+
+    from splitllm.model.runtime import KVCache
+    from splitllm.testing import PhantomDevice
+
+    path, _ = tiny_export("llama", layers=4)
+    bundle = Bundle.open(path)
+    units = bundle.num_units
+    profile = Profile(bundle.bundle_id, 1, 8, 16, (1.0,) * units, (5.0,) * units)
+    device = PhantomDevice(bundle, profile)
+    cache = KVCache(bundle.shapes)
+    began = time.perf_counter()
+    hidden = device.run_sync(0, 3, np.zeros((1, 1), dtype=np.int64), cache, 0)
+    assert time.perf_counter() - began >= 3 * 5.0 / 1e3  # three units x 5 ms (decode profile)
+    assert hidden.shape == (1, 1, bundle.shapes.hidden_size) and not hidden.any()
+    assert [cache.length(u) for u in (1, 2)] == [1, 1]
+    logits = device.run_sync(3, units, np.zeros((1, 4, bundle.shapes.hidden_size), np.float32), cache, 1,
+                             all_logits=True)
+    assert logits.shape == (1, 4, bundle.shapes.vocab_size)
+    assert device.slept_s == pytest.approx((3 * 5.0 + (units - 3) * profile.scaled_prefill_ms(4)[3]) / 1e3)
+    with pytest.raises(ConfigError, match="units"):
+        PhantomDevice(bundle, Profile(bundle.bundle_id, 1, 8, 16, (1.0,), (1.0,)))

@@ -37,7 +37,7 @@ import numpy as np
 from splitllm.client import SplitClient
 from splitllm.device import LocalDevice
 from splitllm.errors import ConfigError
-from splitllm.model.runtime import KVCache
+from splitllm.model.runtime import KVCache, RuntimeOptions
 from splitllm.planner.profile import Profile
 
 __all__ = ["LinkCounters", "ShapedLink", "SlowDevice", "SlowLocalDevice", "scaled_profile"]
@@ -387,6 +387,43 @@ class SlowLocalDevice(LocalDevice):
         time.sleep(extra_s)  # on the device's worker thread: the event loop keeps running
         self.slept_s += extra_s
         return out
+
+
+class PhantomDevice(LocalDevice):
+    """A device that takes its profiled time asleep and hands on zeros instead of computing.
+
+    For load tests about the *server*: many emulated devices in one process would otherwise
+    compute on the cores the server needs. The server's work does not depend on the values it
+    is sent, so its time is measured faithfully; the tokens are meaningless (token correctness
+    is tested with real devices). The KV cache still grows by the positions "run" (zeros, in
+    preallocated buffers), so KV moves at placement switches send what the protocol expects.
+    """
+
+    def __init__(self, bundle: Any, profile: Profile) -> None:
+        super().__init__(bundle, RuntimeOptions(intra_op_threads=1, allow_spinning=False))
+        if len(profile.decode_ms) != self.bundle.num_units:
+            raise ConfigError(f"the profile covers {len(profile.decode_ms)} units; the bundle has "
+                              f"{self.bundle.num_units}")
+        self.profile = profile
+        self.slept_s = 0.0
+
+    async def load(self, start: int, end: int) -> None:
+        return None  # nothing to load: no session is ever built
+
+    def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
+                 all_logits: bool = False) -> np.ndarray:
+        tokens = int(x.shape[1])
+        per_unit = self.profile.decode_ms if tokens == 1 else self.profile.scaled_prefill_ms(tokens)
+        for unit in range(max(start, 1), min(end, self.bundle.num_layers + 1)):
+            cache.buffers(unit, past_len + tokens)
+            cache._grown(unit, past_len + tokens)  # noqa: SLF001 - the positions it stands in for
+        delay_s = sum(per_unit[start:end]) / 1e3
+        time.sleep(delay_s)  # on the device's worker thread: the event loop keeps running
+        self.slept_s += delay_s
+        shapes = self.bundle.shapes
+        if end == self.bundle.num_units:
+            return np.zeros((1, tokens if all_logits else 1, shapes.vocab_size), dtype=np.float32)
+        return np.zeros((1, tokens, shapes.hidden_size), dtype=np.float32)
 
 
 class SlowDevice(SplitClient):
