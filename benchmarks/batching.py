@@ -1,13 +1,15 @@
 """Batching: the serial engine (``--max-batch 1``) against continuous batching, side by side.
 
 Run: ``python benchmarks/batching.py [--bundle bundles/smollm2] [--clients 8,32,64] [--tokens 64]
-[--split 2] [--lone-repeats 3] [--server-args '...']``
+[--split 2] [--lone-repeats 3] [--server-args '...'] [--devices real|phantom]``
 
 For each client count, one load run (``benchmarks/load.py``: every client in this process, each
 with its own prefix, WebSocket and KV, all generating at once) against a fresh server with
 ``--max-batch 1`` and one against a fresh server with the default batching, fp32 server
-weights. Then a lone client, alternating between the two servers ``--lone-repeats`` times:
-batching must not cost a single client anything. Prints a table; the last line is JSON with the
+weights (``--devices phantom``: the clients' layers take their profiled time asleep instead of
+computing on the cores the server uses, as a server's real clients would). Then a lone client,
+alternating between the two servers ``--lone-repeats`` times: batching must not cost a single
+client anything. Prints a table; the last line is JSON with the
 ratios (batched / serial): ``throughput_ratio`` and ``p50_ratio`` per client count,
 ``lone_ratio``, ``errors``, and ``long_prompt``: ``--long-clients`` clients decode, and once each
 has its first token one more client sends a ``--long-prompt``-position prompt; their per-token
