@@ -42,7 +42,7 @@ def test_testing_surface_is_pinned_and_resolves():
     import splitllm.testing
 
     assert sorted(splitllm.testing.__all__) == sorted([
-        "LinkCounters", "ShapedLink", "SlowDevice", "scaled_profile", "spawn_server", "stop_server",
+        "LinkCounters", "PhantomDevice", "ShapedLink", "SlowDevice", "scaled_profile", "spawn_server", "stop_server",
     ])
     for name in splitllm.testing.__all__:
         assert hasattr(splitllm.testing, name), name
