@@ -202,6 +202,12 @@ def layer_types_window(config: Any, index: int) -> int | None:
     return None
 
 
+def config_window(config: Any, index: int) -> int | None:
+    """One sliding window on every layer, from ``config.sliding_window`` (Mistral, Phi-3), or None."""
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
+
+
 def decoder_spec(family: str, model_types: tuple[str, ...], gguf_archs: tuple[str, ...], layout: DecoderLayout,
                  tiny_config: Callable[[int, int], Any], *, fused: bool = True, notes: str = "",
                  reference: Callable[[Any], Any] = eager_reference) -> ArchSpec:

@@ -5,12 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitllm_export.arch import DecoderLayout
-from splitllm_export.layers import decoder_spec
-
-
-def _window(config: Any, index: int) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    return int(window) if window else None
+from splitllm_export.layers import config_window, decoder_spec
 
 
 def tiny_config(vocab_size: int, num_layers: int) -> Any:
@@ -25,6 +20,6 @@ def tiny_config(vocab_size: int, num_layers: int) -> Any:
     )
 
 
-SPEC = decoder_spec("mistral", ("mistral",), (), DecoderLayout(window=_window), tiny_config,
+SPEC = decoder_spec("mistral", ("mistral",), (), DecoderLayout(window=config_window), tiny_config,
                     notes="fused layers; the sliding window is GroupQueryAttention's local_window_size "
                     "(a GGUF of Mistral says 'llama' and loads through that entry)")
