@@ -40,7 +40,7 @@ from splitllm.errors import ConfigError
 from splitllm.model.runtime import KVCache, RuntimeOptions
 from splitllm.planner.profile import Profile
 
-__all__ = ["LinkCounters", "ShapedLink", "SlowDevice", "SlowLocalDevice", "scaled_profile"]
+__all__ = ["LinkCounters", "PhantomDevice", "ShapedLink", "SlowDevice", "SlowLocalDevice", "scaled_profile"]
 
 _MAX_WAIT_S = 0.05  # pacing sleeps are cut into slices this long, so set() acts on a waiting chunk
 _CHUNK_S = 0.005  # read chunks of about this much traffic at the set rate
@@ -350,6 +350,12 @@ def scaled_profile(profile: Profile, factor: float) -> Profile:
                    tuple(ms * factor for ms in profile.prefill_ms), tuple(ms * factor for ms in profile.decode_ms))
 
 
+def _profiled_s(profile: Profile, start: int, end: int, tokens: int) -> float:
+    """Seconds ``profile`` gives units [start, end) for a run of ``tokens`` positions."""
+    per_unit = profile.decode_ms if tokens == 1 else profile.scaled_prefill_ms(tokens)
+    return sum(per_unit[start:end]) / 1e3
+
+
 def _check_factor(device_factor: float) -> None:
     if not device_factor >= 1.0:
         raise ConfigError(f"device_factor must be >= 1 (1 = this machine), got {device_factor!r}")
@@ -380,9 +386,7 @@ class SlowLocalDevice(LocalDevice):
         if self.base_profile is None:
             target_s = self.device_factor * took_s
         else:
-            tokens = x.shape[1]
-            per_unit = self.base_profile.decode_ms if tokens == 1 else self.base_profile.scaled_prefill_ms(tokens)
-            target_s = self.device_factor * sum(per_unit[start:end]) / 1e3
+            target_s = self.device_factor * _profiled_s(self.base_profile, start, end, x.shape[1])
         extra_s = max(target_s - took_s, 0.0)
         time.sleep(extra_s)  # on the device's worker thread: the event loop keeps running
         self.slept_s += extra_s
@@ -413,11 +417,10 @@ class PhantomDevice(LocalDevice):
     def run_sync(self, start: int, end: int, x: np.ndarray, cache: KVCache, past_len: int,
                  all_logits: bool = False) -> np.ndarray:
         tokens = int(x.shape[1])
-        per_unit = self.profile.decode_ms if tokens == 1 else self.profile.scaled_prefill_ms(tokens)
         for unit in range(max(start, 1), min(end, self.bundle.num_layers + 1)):
             cache.buffers(unit, past_len + tokens)
             cache._grown(unit, past_len + tokens)  # noqa: SLF001 - the positions it stands in for
-        delay_s = sum(per_unit[start:end]) / 1e3
+        delay_s = _profiled_s(self.profile, start, end, tokens)
         time.sleep(delay_s)  # on the device's worker thread: the event loop keeps running
         self.slept_s += delay_s
         shapes = self.bundle.shapes
