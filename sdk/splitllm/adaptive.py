@@ -36,7 +36,7 @@ class PolicyFollower:
 
     The planner's latency model leaves out what a step costs beyond the profiled unit times and
     the link: the client's own work between runs, the server's per-piece run overhead, queueing
-    under load. On a 2-core machine it was 7-12 ms per decode step (a fiber client at a 60 ms
+    under load. On a 2-core machine it was 7-29 ms per decode step (a fiber client at a 60 ms
     SLA, planned at 59.9 ms, measured 68-72 ms: ``benchmarks/capacity.py``, docs/capacity.md),
     so plans made to the edge of the SLA missed it. The follower therefore measures each decode
     step against the latency its plan predicted (:meth:`observe_decode`), keeps the average
@@ -64,7 +64,7 @@ class PolicyFollower:
 
     @property
     def planned_sla(self) -> PhaseSLA:
-        """The SLA plans are asked for: the token SLA less the measured model error."""
+        """The SLA plans are asked for: the token SLA less the model error's mean and one spread."""
         token_ms = self.sla.token_ms - max(self.model_error_ms + _ERROR_SPREADS * self.model_error_sd_ms, 0.0)
         return PhaseSLA(self.sla.ttft_ms, max(token_ms, _MIN_PLANNED_SHARE * self.sla.token_ms))
 

@@ -158,7 +158,8 @@ class PieceCache:
               on_built: Callable[[], None] | None = None) -> bool:
         """True if the piece for ``key`` is loaded; if not, start building it in the background
         (``on_built`` is called from the loader thread when it is done) and return False.
-        Raises the build's error (RuntimeFailure) once, to the caller that finds it failed."""
+        Raises whatever the build raised (ORT's errors or ours), once, to the caller that finds
+        it failed; nothing is cached for that key."""
         if key in self._pieces:
             return True
         future = self._building.get(key)
