@@ -163,3 +163,28 @@ async def start_server():
     yield start
     for server in running:
         await server.stop()
+
+
+@pytest.fixture
+async def start_gateway():
+    """Factory: ``await start_gateway(bundle, server_url, **options)`` -> (base URL, app) of an
+    OpenAI gateway on a free loopback port (split 1, fp32 codec unless given; stopped after the test)."""
+    from aiohttp import web
+
+    from splitllm_server.gateway import create_gateway_app
+
+    runners: list[web.AppRunner] = []
+
+    async def start(bundle, server_url: str, **options):
+        options.setdefault("split", 1)
+        options.setdefault("codec", "fp32")
+        app = create_gateway_app(bundle, server_url, **options)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}", app
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()

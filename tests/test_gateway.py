@@ -19,29 +19,10 @@ CODEC = "fp32"
 
 
 @pytest.fixture
-async def start_gateway():
-    """Factory: ``await start_gateway(bundle, server_url, **options)`` -> the gateway's base URL."""
-    runners: list[web.AppRunner] = []
-
-    async def start(bundle, server_url: str, **options) -> str:
-        options.setdefault("split", SPLIT)
-        options.setdefault("codec", CODEC)
-        runner = web.AppRunner(create_gateway_app(bundle, server_url, **options))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
 async def gateway(tiny_export, start_server, start_gateway):
     path, _ = tiny_export("llama", layers=3)
     server = await start_server(path)
-    url = await start_gateway(path, server.url)
+    url, _ = await start_gateway(path, server.url)
     return path, server, url
 
 
@@ -159,7 +140,7 @@ async def test_bad_requests_get_400_in_openai_shape(gateway):
 async def test_api_key_is_required_when_set(tiny_export, start_server, start_gateway):
     path, _ = tiny_export("llama", layers=3)
     server = await start_server(path)
-    url = await start_gateway(path, server.url, api_key="sesame")
+    url, _ = await start_gateway(path, server.url, api_key="sesame")
     with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
         await _openai(url, "wrong").models.list()
     async with aiohttp.ClientSession() as http, http.get(url + "/v1/models") as resp:
@@ -183,7 +164,7 @@ async def test_gateway_connects_lazily_reconnects_and_reports_503_when_the_serve
         await web.TCPSite(runner, "127.0.0.1", port).start()
         return runner
 
-    url = await start_gateway(path, f"http://127.0.0.1:{port}")
+    url, _ = await start_gateway(path, f"http://127.0.0.1:{port}")
     api = _openai(url)
     kw = {"model": "m", "messages": MESSAGES, "temperature": 0, "max_tokens": 6}
     with pytest.raises(openai.APIStatusError) as info:  # never started: the lazy connect fails
@@ -224,7 +205,7 @@ async def test_concurrency_two_serves_two_conversations_at_once_and_a_next_turn_
 
     path, _ = tiny_export("llama", layers=3)
     server = await start_server(path)
-    url = await start_gateway(path, server.url, concurrency=2)
+    url, _ = await start_gateway(path, server.url, concurrency=2)
     other = [{"role": "user", "content": "Name three colours."}]
     expected = {}
     for name, messages in (("robots", MESSAGES), ("colours", other)):

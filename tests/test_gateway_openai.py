@@ -8,43 +8,22 @@ import json
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
-from splitllm_server.gateway import _GATEWAY, create_gateway_app
+from splitllm_server.gateway import _GATEWAY
 
 MESSAGES = [{"role": "user", "content": "Tell me about robots."}]
 PROMPT = "Once upon a time"
 
 
 @pytest.fixture
-async def start_app():
-    """Factory: ``await start_app(bundle, server_url, **options)`` -> (base URL, app)."""
-    runners: list[web.AppRunner] = []
-
-    async def start(bundle, server_url: str, **options):
-        options.setdefault("split", 1)
-        options.setdefault("codec", "fp32")
-        app = create_gateway_app(bundle, server_url, **options)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}", app
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def setup(tiny_export, start_server, start_app):
+async def setup(tiny_export, start_server, start_gateway):
     path, _ = tiny_export("llama", layers=3)
     server = await start_server(path)
-    url, app = await start_app(path, server.url)
+    url, app = await start_gateway(path, server.url)
     return path, server, url, app
 
 
@@ -144,9 +123,9 @@ async def test_unknown_fields_are_refused_by_name_and_harmless_ones_ignored(setu
     assert ignored.choices[0].message.content == plain.choices[0].message.content
 
 
-async def test_a_full_gateway_answers_429_with_retry_after(setup, tiny_export, start_server, start_app):
+async def test_a_full_gateway_answers_429_with_retry_after(setup, tiny_export, start_server, start_gateway):
     path, server, _, _ = setup
-    url, app = await start_app(path, server.url, queue_timeout_s=0.2)
+    url, app = await start_gateway(path, server.url, queue_timeout_s=0.2)
     body = {"model": "m", "messages": MESSAGES, "max_tokens": 2}
     async with app[_GATEWAY].slot([]), aiohttp.ClientSession() as http:  # the only client is busy
         async with http.post(url + "/v1/chat/completions", json=body) as r:
@@ -158,9 +137,9 @@ async def test_a_full_gateway_answers_429_with_retry_after(setup, tiny_export, s
     assert (await _api(url).chat.completions.create(**body)).choices  # free again
 
 
-async def test_a_slow_first_token_gets_keep_alive_comments(setup, start_app):
+async def test_a_slow_first_token_gets_keep_alive_comments(setup, start_gateway):
     path, server, _, _ = setup
-    url, _ = await start_app(path, server.url, keepalive_s=0.001)
+    url, _ = await start_gateway(path, server.url, keepalive_s=0.001)
     body = {"model": "m", "messages": MESSAGES, "temperature": 0, "max_tokens": 4, "stream": True}
     async with aiohttp.ClientSession() as http:
         chunks, raw = await _sse(http, url + "/v1/chat/completions", body)
