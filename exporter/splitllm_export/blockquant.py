@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dequantize_zp", "quantize_asym", "quantize_sym8", "quantize_zp"]
+__all__ = ["dequantize_sym", "dequantize_zp", "quantize_asym", "quantize_sym", "quantize_sym8", "quantize_zp"]
 
 def _by_block(w_kn: np.ndarray, block: int) -> np.ndarray:
     """(K, N) weight -> (N, K/block, block): the MatMulNBits layout, one row per output column."""
@@ -87,6 +87,47 @@ def quantize_zp(w_kn: np.ndarray, block: int, bits: int,
     else:
         packed, zp = q, z
     return packed, best_d[..., 0].astype(np.float32), np.ascontiguousarray(zp)
+
+
+def quantize_sym(w_kn: np.ndarray, block: int, bits: int,
+                 importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric: w ~ d * (q - 2**(bits-1)), q in 0..2**bits - 1, MatMulNBits' implicit zero point.
+
+    Why: a zero-point input costs ONNX Runtime's int4 kernel (accuracy level 4) about a tenth of
+    a decode step (``benchmarks/device_speed.py`` and docs/bundle.md), and a block of real weights
+    is nearly centred. Per block, scales max|w| / (2**(bits-1) - 1 + delta) are tried with a
+    least-squares refit for the codes each gives, the least (``importance``-weighted, as in
+    :func:`quantize_zp`) squared error wins. Returns (B packed as quantize_asym, d (N, K/block)).
+    """
+    x = _by_block(w_kn, block).astype(np.float64)
+    weight = np.ones(x.shape[1:]) if importance is None else np.asarray(importance, np.float64).reshape(x.shape[1:])
+    half = 2 ** (bits - 1)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    best_err = np.full(amax.shape, np.inf)
+    best_q = np.zeros(x.shape, np.uint8)
+    best_d = np.zeros(amax.shape)
+    for delta in (-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
+        d = amax / (half - 1 + delta)
+        d = np.where(d > 0, d, 1.0)
+        c = np.clip(np.rint(x / d), -half, half - 1)
+        denom = (weight * c * c).sum(axis=-1, keepdims=True)
+        d_ls = np.where(denom > 0, (weight * x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
+        for scale in (d, d_ls):
+            err = (weight * (scale * c - x) ** 2).sum(axis=-1, keepdims=True)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_d = np.where(better, scale, best_d)
+            best_q = np.where(better, c + half, best_q).astype(np.uint8)
+    q = best_q
+    packed = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
+    return np.ascontiguousarray(packed), best_d[..., 0].astype(np.float32)
+
+
+def dequantize_sym(packed: np.ndarray, d: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The (K, N) float32 weight that quantize_sym's output stands for."""
+    n, nb = d.shape
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, nb, -1) if bits == 4 else packed
+    return np.ascontiguousarray(((q.astype(np.float32) - 2 ** (bits - 1)) * d[..., None]).reshape(n, k).T)
 
 
 def dequantize_zp(packed: np.ndarray, d: np.ndarray, zp: np.ndarray, k: int, bits: int) -> np.ndarray:

@@ -39,7 +39,7 @@ def _kn(linear: Any) -> np.ndarray:
 
 
 def layer_input_stats(model: Any, tokens: int = CALIBRATION_TOKENS, seed: int = CALIBRATION_SEED) -> dict[str, InputStats]:
-    """Input statistics of every Llama-layer linear group, keyed by :func:`weight_key`.
+    """Input statistics of every Llama-layer linear group and of the head, keyed by :func:`weight_key`.
 
     Groups as the fused layers build them: q/k/v (or a packed qkv), o, gate/up (or a packed
     gate_up; one input each), down. A group whose key the builder does not meet is simply unused.
@@ -64,6 +64,9 @@ def layer_input_stats(model: Any, tokens: int = CALIBRATION_TOKENS, seed: int = 
     groups += [[layer.self_attn.o_proj] for layer in layers]
     groups += [group(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj")) for layer in layers]
     groups += [[layer.mlp.down_proj] for layer in layers]
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(head, "weight", None) is not None:
+        groups.append([head])  # the head's input (the final norm's output), for 4-bit heads
     bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

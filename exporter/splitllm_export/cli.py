@@ -14,7 +14,7 @@ DEFAULT_OUTPUT = "bundles/smollm2"
 # What the exporter needs beyond the device install; a missing one means the extra is not installed.
 EXPORT_MODULES = frozenset({"torch", "transformers", "optimum", "onnx", "gguf", "accelerate", "onnxscript"})
 # quantize.VARIANTS, named here so that parsing the command line needs no onnx (a test keeps them equal).
-WEIGHT_VARIANTS = ("fp16", "int8", "int4", "int4-h4", "int4-q41")
+WEIGHT_VARIANTS = ("fp16", "int8", "int4", "int4-zp", "int4-h4", "int4-q41")
 
 
 def _parse_splits(text: str) -> list[int] | None:
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-validate", action="store_true", help="do not validate splits (the manifest says so)")
     parser.add_argument("--validate-splits", type=_parse_splits, default=None, metavar="all|K,K,...",
                         help="validate only these splits (default: all)")
-    parser.add_argument("--client-weights", type=_parse_weights, default=[], metavar="fp16|int8|int4|int4-h4|int4-q41[,...]",
+    parser.add_argument("--client-weights", type=_parse_weights, default=[], metavar="fp16|int8|int4|int4-zp|int4-h4|int4-q41[,...]",
                         help="also write device weight variants of every block (the fp32 blocks are always "
                         "written; comma-separated for several)")
     parser.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],

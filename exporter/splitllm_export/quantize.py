@@ -8,15 +8,18 @@ variant leaves alone (norm weights, small constants) keep pointing into ``weight
 
 Schemes (ONNX Runtime CPU kernels; see docs/bundle.md for the measurements behind them):
 
-- ``int4`` (the fast default): decoder-layer MatMul/Gemm weights 4-bit in blocks of ``block_size``
-  along K with a float scale and an integer zero point per block, both in MatMulNBits' own
-  inputs, so each MatMul is one kernel call and nothing else (the layout ONNX Runtime GenAI's
-  builder makes, with an asymmetric zero point and a least-squares scale search per block
-  instead of its symmetric rounding). On a Q4_1 GGUF this re-quantises the blocks: the float
-  minimum ``m`` becomes a multiple of the scale, which costs accuracy (docs/benchmarks.md).
-- ``int4-h4``: int4, and the head's copy of the tied table 4-bit with zero points too (ONNX Runtime
-  GenAI's head is 4-bit): a third of the bytes a local decode step reads is the head, so this
-  is the fastest local variant, at more KL than int4 (the embedding lookup keeps 8 bits).
+- ``int4`` (the fast default): decoder-layer MatMul/Gemm weights *and* the head's copy of the tied
+  table 4-bit in blocks of ``block_size`` along K, symmetric (a float scale per block, no zero
+  point: MatMulNBits' implicit 8, ONNX Runtime GenAI's layout), each MatMul one kernel call.
+  Scales are searched per block for the least squared error weighted by how large each input
+  channel's activations are, and the mean error is added back as the kernel's bias (statistics
+  from text the model writes itself: calibrate.py), the head included. Without the zero-point
+  input ORT's kernel skips a tenth of a decode step's work, and a 4-bit head halves the largest
+  single weight a local step reads. On a Q4_1 GGUF this re-quantises the blocks (docs/benchmarks.md).
+- ``int4-zp``: the same layers with an integer zero point per block (asymmetric grids fit the
+  GGUF's Q4_1 blocks better) and the head 8-bit: 40% less KL than int4, about 25% slower.
+- ``int4-h4``: int4-zp with the head's copy of the table 4-bit with zero points too (the
+  embedding lookup keeps 8 bits).
 - ``int4-q41`` (the faithful one): the same blocks stored the way llama.cpp's Q4_1 stores them:
   per block a scale ``d`` and a float minimum ``m``, ``w = d * q + m`` with q in 0..15. ORT's
   MatMulNBits has no fast path for a float offset (a float zero point is exact but takes a slow
@@ -51,12 +54,19 @@ from splitllm.errors import ConfigError, ExportError
 from splitllm.model.bundle import ModelShapes
 from splitllm_export import fused
 from splitllm_export.arch import ArchSpec
-from splitllm_export.blockquant import dequantize_zp, quantize_asym, quantize_sym8, quantize_zp
+from splitllm_export.blockquant import (
+    dequantize_sym,
+    dequantize_zp,
+    quantize_asym,
+    quantize_sym,
+    quantize_sym8,
+    quantize_zp,
+)
 from splitllm_export.blocks import BlockInfo
 from splitllm_export.calibrate import InputStats, layer_input_stats, weight_key
 from splitllm_export.onnx_util import MS_DOMAIN, WEIGHTS_FILE, GraphBuilder, WeightStore
 
-VARIANTS = ("fp16", "int8", "int4", "int4-h4", "int4-q41")
+VARIANTS = ("fp16", "int8", "int4", "int4-zp", "int4-h4", "int4-q41")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # MatMulNBits accuracy_level 4 quantises activations to int8 inside the kernel (as llama.cpp
 # does for its Q4/Q8 dot products): measured 2x faster per call than level 0 on this CPU.
@@ -70,8 +80,9 @@ class Scheme:
 
     ``layer_format`` says how a block's offset is stored: ``"min"`` a float minimum per block
     (exact for Q4_1 blocks; costs the block-sum correction), ``"zp"`` an integer zero point
-    per block in MatMulNBits' own zero-point input (no extra node: ONNX Runtime GenAI's kind
-    of layout, with scales and zero points searched per block for the least squared error).
+    per block in MatMulNBits' own zero-point input (no extra node, with scales and zero points
+    searched per block for the least squared error), ``"sym"`` no zero point at all (ONNX
+    Runtime GenAI's layout: MatMulNBits' implicit 2**(bits-1); the scale searched likewise).
     """
 
     name: str
@@ -84,10 +95,13 @@ class Scheme:
 
     def describe(self) -> dict[str, Any]:
         text = {
-            "int4": "decoder weights 4-bit with an integer zero point per block (MatMulNBits with zero points, "
+            "int4-zp": "decoder weights 4-bit with an integer zero point per block (MatMulNBits with zero points, "
                     "least-squares scale search); embedding/head table 8-bit symmetric per block",
-            "int4-h4": "as int4, and the head's copy of the embedding/head table 4-bit with zero points "
+            "int4-h4": "as int4-zp, and the head's copy of the embedding/head table 4-bit with zero points "
                        "(the embedding lookup keeps its 8-bit copy)",
+            "int4": "decoder weights and the head's copy of the table 4-bit symmetric per block (MatMulNBits "
+                        "without zero points, weighted least-squares scale search, bias correction); the "
+                        "embedding lookup keeps its 8-bit copy",
             "int4-q41": "decoder weights 4-bit with a float minimum per block (Q4_1-like, exact for a Q4_1 GGUF: "
                         "MatMulNBits + block-sum correction); embedding/head table 8-bit symmetric per block",
             "int8": "decoder weights 8-bit with a float minimum per block (MatMulNBits bits=8 + block-sum "
@@ -104,6 +118,8 @@ def scheme_for(name: str, block_size: int = 32, accuracy_level: int = ACCURACY_L
     if block_size not in BLOCK_SIZES:
         raise ConfigError(f"--block-size must be one of {BLOCK_SIZES}, got {block_size}")
     if name == "int4":
+        return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="sym", head_bits=4)
+    if name == "int4-zp":
         return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="zp")
     if name == "int4-h4":
         return Scheme(name, 4, 8, block_size, accuracy_level, layer_format="zp", head_bits=4)
@@ -160,6 +176,17 @@ class _Rewriter(GraphBuilder):
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if self.scheme.accuracy_level:
             attrs["accuracy_level"] = self.scheme.accuracy_level
+        if table and self.scheme.head_bits == 4 and self.scheme.layer_format == "sym":
+            # The head is the widest MatMul and, in 4 bits, the largest single source of error:
+            # its scale search is weighted by the final norm's output and its mean error added back.
+            stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
+            q, d = quantize_sym(w_kn, block, 4, None if stats is None else stats.mean_square)
+            inputs = [a, self.tensor(q), self.tensor(d)]
+            if stats is not None:
+                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_sym(q, d, k, 4))
+                inputs += ["", "", self.tensor(bias.astype(np.float32))]
+            self.node("MatMulNBits", inputs, [out], **dict(attrs, bits=4))
+            return
         if table and self.scheme.head_bits == 4:
             q, d, zp = quantize_zp(w_kn, block, 4)
             self.node("MatMulNBits", [a, self.tensor(q), self.tensor(d), self.tensor(zp)], [out], **dict(attrs, bits=4))
@@ -175,6 +202,15 @@ class _Rewriter(GraphBuilder):
             if stats is not None:  # the mean error E[A] @ (W - Wq), added back as the kernel's bias
                 bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_zp(q, d, zp, k, bits))
                 inputs += ["", self.tensor(bias.astype(np.float32))]
+            self.node("MatMulNBits", inputs, [out], **attrs)
+            return
+        if self.scheme.layer_format == "sym":
+            stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
+            q, d = quantize_sym(w_kn, block, bits, None if stats is None else stats.mean_square)
+            inputs = [a, self.tensor(q), self.tensor(d)]
+            if stats is not None:  # the mean error, as for "zp"
+                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_sym(q, d, k, bits))
+                inputs += ["", "", self.tensor(bias.astype(np.float32))]
             self.node("MatMulNBits", inputs, [out], **attrs)
             return
         q, d, offsets = quantize_asym(w_kn, block, bits)
@@ -349,7 +385,7 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
     not_fused = "no model given" if model is None or spec is None or shapes is None else fused.fusable(model, spec)
     rotary = fused.rotary_tables(model, spec, shapes) if not_fused is None and spec and shapes else None
     entry["fused_layers"] = not_fused is None
-    input_stats = layer_input_stats(model) if rotary is not None and scheme.layer_format == "zp" else {}
+    input_stats = layer_input_stats(model) if rotary is not None and scheme.layer_format in ("zp", "sym") else {}
     if input_stats:
         entry["calibration"] = "activation statistics of 256 tokens the fp32 model sampled itself (calibrate.py)"
     if not_fused is not None:
@@ -368,6 +404,7 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
                 rewriter.stats["matmul"] += fused.linear_count(spec.layout)  # all rewritten, some merged
             else:
                 rewriter = _Rewriter(proto, block.name, scheme, load, tables)
+                rewriter.input_stats = input_stats  # the head's, for int4
                 rewriter.run()
             _install_tensors(proto, rewriter, store, weights_name)
             file = block.file.replace(".onnx", f".{scheme.name}.onnx")
