@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     model = og.Model(config)
 
     async def ours(client: SplitClient) -> float:
-        await client._rewind(0)  # noqa: SLF001 - every run from an empty cache
+        await client.reset()  # every run from an empty cache
         started = time.perf_counter()
         async for _piece in client.generate_ids(prompt, max_new_tokens=args.tokens, ignore_eos=True):
             pass
