@@ -202,6 +202,23 @@ async def test_clients_at_one_split_share_their_device_session_and_still_get_the
     assert not held  # the device sessions went with their last Segment (the server keeps its own)
 
 
+def test_only_a_local_client_keeps_its_threads_spinning_between_steps(tiny_export):
+    """A split client's ORT threads stop spinning when a run returns (its link, or a server on the
+    same machine, needs the cores between steps); a local-only client's keep spinning."""
+    from splitllm.model.runtime import RuntimeOptions
+
+    path, _ = tiny_export("llama", layers=2)
+    local = SplitClient(path, local=True)
+    split = SplitClient(path, "http://127.0.0.1:9", split=1)
+    assert local.options.spin_between_runs and not split.options.spin_between_runs
+    stop = "session.force_spinning_stop"
+    assert split.options.session_options().get_session_config_entry(stop) == "1"
+    with pytest.raises(Exception, match="does not have configuration"):
+        local.options.session_options().get_session_config_entry(stop)
+    quiet = RuntimeOptions(allow_spinning=False, spin_between_runs=True).session_options()
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_placement_runs_and_their_compact_text():
     from splitllm.client import Placement
 

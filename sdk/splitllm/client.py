@@ -92,10 +92,11 @@ class SplitClient:
         local = local or server is None
         placement = Placement.for_split(self.bundle.num_layers // 3 if split is None else split,
                                         self.bundle.num_units, local=local)
-        # ORT threads spin only while a run is under way (force_spinning_stop): fastest on a
-        # quiet device, split or not; pass allow_spinning=False on a machine busy with other work.
+        # ORT threads spin while a run is under way: fastest on a quiet device, split or not; a
+        # local-only client keeps them spinning between its steps too (RuntimeOptions). Pass
+        # allow_spinning=False on a machine busy with other work.
         spinning = True if allow_spinning is None else allow_spinning
-        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning)
+        self.options = RuntimeOptions(intra_op_threads=threads, allow_spinning=spinning, spin_between_runs=local)
         if providers:
             self.options = dataclasses.replace(self.options, providers=tuple(providers))
         if device is None:
