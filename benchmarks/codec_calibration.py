@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " ".join(f"{row[n]:>15.3g}" for n, _, _ in schemes), flush=True)
             ev.release(k)
     best = {n: max(r[n] for r in results) for n, _, _ in schemes}
-    print(f"worst KL / int8-block64's over every text and split: "
+    print("worst KL / int8-block64's over every text and split: "
           + ", ".join(f"{n} {v:.3g}" for n, v in best.items()) + f" ({time.perf_counter() - started:.0f} s)")
     print(json.dumps({"bits": args.bits, "ratio_vs_fp32": round(fp32_bytes / decode_bytes, 3),
                       "results": [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()}
