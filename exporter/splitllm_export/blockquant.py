@@ -6,6 +6,8 @@ MatMulNBits' layout: one row per output column, blocks of ``block`` values along
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 __all__ = ["dequantize_sym", "dequantize_zp", "quantize_asym", "quantize_sym", "quantize_sym8", "quantize_zp"]
@@ -41,6 +43,33 @@ def quantize_asym(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, 
     return packed, d.astype(np.float32), (lo + 2 ** (bits - 1) * d).astype(np.float32)
 
 
+def _least_error(x: np.ndarray, weight: np.ndarray,
+                 grids: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of candidate grids per block, the one with the least ``weight``-ed squared error.
+
+    Each candidate is (scale d, integer levels c with w ~ d * c, stored codes q, zero points z),
+    arrays over (N, K/block, ...); each is tried with its own scale and with the least-squares
+    scale for its levels. Returns the winners' (d (N, K/block, 1), q (N, K/block, block) uint8,
+    z (N, K/block, 1)).
+    """
+    best_err = np.full(x.shape[:-1] + (1,), np.inf)
+    best_d = np.zeros_like(best_err)
+    best_z = np.zeros_like(best_err)
+    best_q = np.zeros(x.shape, np.uint8)
+    for d, c, q, z in grids:
+        denom = (weight * c * c).sum(axis=-1, keepdims=True)
+        d_ls = np.where(denom > 0, (weight * x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
+        for scale in (d, d_ls):
+            err = (weight * (scale * c - x) ** 2).sum(axis=-1, keepdims=True)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_d = np.where(better, scale, best_d)
+            best_z = np.where(better, z, best_z)
+            best_q = np.where(better, q, best_q).astype(np.uint8)
+    return best_d, best_q, best_z
+
+
 def quantize_zp(w_kn: np.ndarray, block: int, bits: int,
                 importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric with an integer zero point: w ~ d * (q - z), q and z in 0..2**bits - 1.
@@ -58,26 +87,16 @@ def quantize_zp(w_kn: np.ndarray, block: int, bits: int,
     weight = np.ones(x.shape[1:]) if importance is None else np.asarray(importance, np.float64).reshape(x.shape[1:])
     top = 2**bits - 1
     lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
-    best_err = np.full(lo.shape, np.inf)
-    best_q = np.zeros(x.shape, np.uint8)
-    best_d = np.zeros(lo.shape)
-    best_z = np.zeros(lo.shape)
-    for delta in (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
-        d = (hi - lo) / (top + delta)
-        d = np.where(d > 0, d, 1.0)
-        z = np.clip(np.rint(-lo / d), 0, top)
-        q = np.clip(np.rint(x / d) + z, 0, top)
-        c = q - z
-        denom = (weight * c * c).sum(axis=-1, keepdims=True)
-        d_ls = np.where(denom > 0, (weight * x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
-        for scale in (d, d_ls):
-            err = (weight * (scale * c - x) ** 2).sum(axis=-1, keepdims=True)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_d = np.where(better, scale, best_d)
-            best_z = np.where(better, z, best_z)
-            best_q = np.where(better, q, best_q).astype(np.uint8)
-    q = best_q
+
+    def grids() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        for delta in (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
+            d = (hi - lo) / (top + delta)
+            d = np.where(d > 0, d, 1.0)
+            z = np.clip(np.rint(-lo / d), 0, top)
+            q = np.clip(np.rint(x / d) + z, 0, top)
+            yield d, q - z, q, z
+
+    best_d, q, best_z = _least_error(x, weight, grids())
     z = best_z[..., 0].astype(np.uint8)  # (N, nb)
     if bits == 4:
         packed = q[..., 0::2] | (q[..., 1::2] << 4)
@@ -103,22 +122,16 @@ def quantize_sym(w_kn: np.ndarray, block: int, bits: int,
     weight = np.ones(x.shape[1:]) if importance is None else np.asarray(importance, np.float64).reshape(x.shape[1:])
     half = 2 ** (bits - 1)
     amax = np.abs(x).max(axis=-1, keepdims=True)
-    best_err = np.full(amax.shape, np.inf)
-    best_q = np.zeros(x.shape, np.uint8)
-    best_d = np.zeros(amax.shape)
-    for delta in (-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
-        d = amax / (half - 1 + delta)
-        d = np.where(d > 0, d, 1.0)
-        c = np.clip(np.rint(x / d), -half, half - 1)
-        denom = (weight * c * c).sum(axis=-1, keepdims=True)
-        d_ls = np.where(denom > 0, (weight * x * c).sum(axis=-1, keepdims=True) / np.where(denom > 0, denom, 1), d)
-        for scale in (d, d_ls):
-            err = (weight * (scale * c - x) ** 2).sum(axis=-1, keepdims=True)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_d = np.where(better, scale, best_d)
-            best_q = np.where(better, c + half, best_q).astype(np.uint8)
-    q = best_q
+    zero = np.zeros_like(amax)
+
+    def grids() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        for delta in (-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0):
+            d = amax / (half - 1 + delta)
+            d = np.where(d > 0, d, 1.0)
+            c = np.clip(np.rint(x / d), -half, half - 1)
+            yield d, c, c + half, zero
+
+    best_d, q, _ = _least_error(x, weight, grids())
     packed = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
     return np.ascontiguousarray(packed), best_d[..., 0].astype(np.float32)
 
