@@ -176,16 +176,18 @@ class _Rewriter(GraphBuilder):
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if self.scheme.accuracy_level:
             attrs["accuracy_level"] = self.scheme.accuracy_level
-        if table and self.scheme.head_bits == 4 and self.scheme.layer_format == "sym":
-            # The head is the widest MatMul and, in 4 bits, the largest single source of error:
-            # its scale search is weighted by the final norm's output and its mean error added back.
+        if self.scheme.layer_format == "sym" and (not table or self.scheme.head_bits == 4):
+            # Layers, and the head's copy of the table when it is 4-bit: the head is the widest
+            # MatMul and, in 4 bits, the largest single source of error, so its scale search is
+            # weighted by the final norm's output and its mean error added back like the layers'.
+            bits = 4 if table else bits
             stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
-            q, d = quantize_sym(w_kn, block, 4, None if stats is None else stats.mean_square)
+            q, d = quantize_sym(w_kn, block, bits, None if stats is None else stats.mean_square)
             inputs = [a, self.tensor(q), self.tensor(d)]
             if stats is not None:
-                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_sym(q, d, k, 4))
+                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_sym(q, d, k, bits))
                 inputs += ["", "", self.tensor(bias.astype(np.float32))]
-            self.node("MatMulNBits", inputs, [out], **dict(attrs, bits=4))
+            self.node("MatMulNBits", inputs, [out], **dict(attrs, bits=bits))
             return
         if table and self.scheme.head_bits == 4:
             q, d, zp = quantize_zp(w_kn, block, 4)
@@ -202,15 +204,6 @@ class _Rewriter(GraphBuilder):
             if stats is not None:  # the mean error E[A] @ (W - Wq), added back as the kernel's bias
                 bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_zp(q, d, zp, k, bits))
                 inputs += ["", self.tensor(bias.astype(np.float32))]
-            self.node("MatMulNBits", inputs, [out], **attrs)
-            return
-        if self.scheme.layer_format == "sym":
-            stats = self.input_stats.get(weight_key(w_kn)) if self.input_stats else None
-            q, d = quantize_sym(w_kn, block, bits, None if stats is None else stats.mean_square)
-            inputs = [a, self.tensor(q), self.tensor(d)]
-            if stats is not None:  # the mean error, as for "zp"
-                bias = stats.mean @ (w_kn.astype(np.float64) - dequantize_sym(q, d, k, bits))
-                inputs += ["", "", self.tensor(bias.astype(np.float32))]
             self.node("MatMulNBits", inputs, [out], **attrs)
             return
         q, d, offsets = quantize_asym(w_kn, block, bits)
