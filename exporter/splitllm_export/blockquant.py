@@ -112,7 +112,7 @@ def quantize_sym(w_kn: np.ndarray, block: int, bits: int,
                  importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric: w ~ d * (q - 2**(bits-1)), q in 0..2**bits - 1, MatMulNBits' implicit zero point.
 
-    Why: a zero-point input costs ONNX Runtime's int4 kernel (accuracy level 4) about a tenth of
+    Why: a zero-point input costs ONNX Runtime's int4 kernel (accuracy level 4) up to a tenth of
     a decode step (``benchmarks/device_speed.py`` and docs/bundle.md), and a block of real weights
     is nearly centred. Per block, scales max|w| / (2**(bits-1) - 1 + delta) are tried with a
     least-squares refit for the codes each gives, the least (``importance``-weighted, as in

@@ -14,7 +14,7 @@ Schemes (ONNX Runtime CPU kernels; see docs/bundle.md for the measurements behin
   Scales are searched per block for the least squared error weighted by how large each input
   channel's activations are, and the mean error is added back as the kernel's bias (statistics
   from text the model writes itself: calibrate.py), the head included. Without the zero-point
-  input ORT's kernel skips a tenth of a decode step's work, and a 4-bit head halves the largest
+  input ORT's kernel skips up to a tenth of a decode step's work, and a 4-bit head halves the largest
   single weight a local step reads. On a Q4_1 GGUF this re-quantises the blocks (docs/benchmarks.md).
 - ``int4-zp``: the same layers with an integer zero point per block (asymmetric grids fit the
   GGUF's Q4_1 blocks better) and the head 8-bit: 40% less KL than int4, about 25% slower.

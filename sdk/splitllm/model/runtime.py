@@ -79,9 +79,9 @@ class RuntimeOptions:
     (several sessions spinning their pools on 2 cores starve each other). With spinning, the
     threads stop as soon as a run returns unless ``spin_between_runs``: a split client's cores are
     then free for its link (or a server on the same machine) between steps, while a client that
-    runs every unit itself keeps them hot for its next step: 13% more tokens/s for SmolLM2 int4
-    on 2 cores here (two local SplitClients in one process, runs of 64 tokens alternating, best
-    of 10: 154.8 against 136.7 tok/s). ``profile_prefix`` turns on
+    runs every unit itself keeps them hot for its next step (``benchmarks/local_step.py``: for
+    SmolLM2 int4 on 2 cores, 7-12% more tokens/s in a bare loop and up to 11% through a local
+    client, in two runs). ``profile_prefix`` turns on
     ORT's profiler, writing ``<prefix>_<date>.json`` when ``session.end_profiling()`` is called.
     ``providers``: ONNX Runtime execution providers to try in order (see :func:`resolve_providers`:
     unavailable ones are skipped with a warning, CPU always comes last); ``session.get_providers()``
@@ -298,7 +298,7 @@ class Segment:
         self._bound: dict[str, np.ndarray] = {}  # name -> the buffer bound to it (kept alive here)
         # The main output's last dimension when it is a fixed float32 width: then each run writes
         # it into an array of ours instead of asking ORT for every output afterwards (which wraps
-        # all 2L cache outputs too: ~0.2 ms of a 5 ms int4 decode step, measured with cProfile).
+        # all 2L cache outputs too: the largest piece of Python in a profile of the decode loop).
         meta = next(o for o in self.session.get_outputs() if o.name == self.main_output)
         width = meta.shape[-1] if meta.shape else None
         self._out_width = width if isinstance(width, int) and meta.type == "tensor(float)" else None
