@@ -18,6 +18,24 @@ def _by_block(w_kn: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(w_kn.T, dtype=np.float32).reshape(n, k // block, block)
 
 
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes along the last axis, two 4-bit codes per byte, low nibble first (8-bit codes as they are)."""
+    return q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The codes :func:`_pack` stored, along the last axis."""
+    if bits != 4:
+        return packed
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _dequantize(q: np.ndarray, z: np.ndarray, d: np.ndarray, k: int) -> np.ndarray:
+    """(K, N) float32 from codes q (N, K/block, block), zero points z and scales d (N, K/block)."""
+    n = d.shape[0]
+    return np.ascontiguousarray(((q.astype(np.float32) - z[..., None]) * d[..., None]).reshape(n, k).T)
+
+
 def quantize_sym8(w_kn: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Q8_0-style: q = round(w / d), d = max|w| / 127 per block. Returns (B uint8 q+128, d (N, K/block))."""
     x = _by_block(w_kn, block)
@@ -39,8 +57,7 @@ def quantize_asym(w_kn: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, 
     d = (hi - lo) / np.float32(2**bits - 1)
     inv = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
     q = np.clip(np.rint((x - lo[..., None]) * inv[..., None]), 0, 2**bits - 1).astype(np.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
-    return packed, d.astype(np.float32), (lo + 2 ** (bits - 1) * d).astype(np.float32)
+    return _pack(q, bits), d.astype(np.float32), (lo + 2 ** (bits - 1) * d).astype(np.float32)
 
 
 def _least_error(x: np.ndarray, weight: np.ndarray,
@@ -98,14 +115,9 @@ def quantize_zp(w_kn: np.ndarray, block: int, bits: int,
 
     best_d, q, best_z = _least_error(x, weight, grids())
     z = best_z[..., 0].astype(np.uint8)  # (N, nb)
-    if bits == 4:
-        packed = q[..., 0::2] | (q[..., 1::2] << 4)
-        if z.shape[1] % 2:
-            z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
-        zp = z[:, 0::2] | (z[:, 1::2] << 4)
-    else:
-        packed, zp = q, z
-    return packed, best_d[..., 0].astype(np.float32), np.ascontiguousarray(zp)
+    if bits == 4 and z.shape[1] % 2:
+        z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+    return _pack(q, bits), best_d[..., 0].astype(np.float32), np.ascontiguousarray(_pack(z, bits))
 
 
 def quantize_sym(w_kn: np.ndarray, block: int, bits: int,
@@ -113,7 +125,7 @@ def quantize_sym(w_kn: np.ndarray, block: int, bits: int,
     """Symmetric: w ~ d * (q - 2**(bits-1)), q in 0..2**bits - 1, MatMulNBits' implicit zero point.
 
     Why: a zero-point input costs ONNX Runtime's int4 kernel (accuracy level 4) up to a tenth of
-    a decode step (``benchmarks/device_speed.py`` and docs/bundle.md), and a block of real weights
+    a decode step (``benchmarks/local_step.py``, docs/bundle.md), and a block of real weights
     is nearly centred. Per block, scales max|w| / (2**(bits-1) - 1 + delta) are tried with a
     least-squares refit for the codes each gives, the least (``importance``-weighted, as in
     :func:`quantize_zp`) squared error wins. Returns (B packed as quantize_asym, d (N, K/block)).
@@ -132,23 +144,14 @@ def quantize_sym(w_kn: np.ndarray, block: int, bits: int,
             yield d, c, c + half, zero
 
     best_d, q, _ = _least_error(x, weight, grids())
-    packed = q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
-    return np.ascontiguousarray(packed), best_d[..., 0].astype(np.float32)
+    return np.ascontiguousarray(_pack(q, bits)), best_d[..., 0].astype(np.float32)
 
 
 def dequantize_sym(packed: np.ndarray, d: np.ndarray, k: int, bits: int) -> np.ndarray:
     """The (K, N) float32 weight that quantize_sym's output stands for."""
-    n, nb = d.shape
-    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, nb, -1) if bits == 4 else packed
-    return np.ascontiguousarray(((q.astype(np.float32) - 2 ** (bits - 1)) * d[..., None]).reshape(n, k).T)
+    return _dequantize(_unpack(packed, bits), np.full(d.shape, 2 ** (bits - 1), np.float32), d, k)
 
 
 def dequantize_zp(packed: np.ndarray, d: np.ndarray, zp: np.ndarray, k: int, bits: int) -> np.ndarray:
     """The (K, N) float32 weight that quantize_zp's output stands for."""
-    n, nb = d.shape
-    if bits == 4:
-        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, nb, -1)
-        z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :nb]
-    else:
-        q, z = packed, zp
-    return np.ascontiguousarray(((q.astype(np.float32) - z[..., None]) * d[..., None]).reshape(n, k).T)
+    return _dequantize(_unpack(packed, bits), _unpack(zp, bits)[:, :d.shape[1]], d, k)
