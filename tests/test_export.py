@@ -261,12 +261,30 @@ def test_sdk_import_and_bundle_open_do_not_load_torch(tiny_export):
     assert "heavy: []" in r.stdout
 
 
-def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)], capture_output=True)
+def _small_tmpfs(path: Path, options: str) -> None:
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+
+
+def test_too_little_disk_is_refused_before_any_work(tmp_path, capsys):
+    small = tmp_path / "small"
+    _small_tmpfs(small, "size=300k")
+    try:
+        code, _, stderr = _export_cli(capsys, "--tiny", "llama", "--layers", "2", "-q", "-o", str(small / "b"))
+        assert code == 1
+        assert "the bundle needs about" in stderr and str(small) in stderr and "free" in stderr
+        assert "Traceback" not in stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_disk_full_while_writing_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
+    """Space enough by the up-front check but too few inodes: the writes themselves fail."""
+    small = tmp_path / "small"
+    _small_tmpfs(small, "size=512m,nr_inodes=6")
     try:
         code, _, stderr = _export_cli(capsys, "--tiny", "llama", "--layers", "2", "-q", "-o", str(small / "b"))
         assert code == 1
@@ -275,6 +293,17 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, capsys):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_the_bundle_size_estimate_is_an_upper_bound(tiny_export):
+    from splitllm_export.export import estimate_bundle_bytes
+    from splitllm_export.quantize import scheme_for
+
+    path, source = tiny_export("llama", layers=3)
+    size = sum(p.stat().st_size for p in path.iterdir())
+    estimate = estimate_bundle_bytes(source.model)
+    assert size <= estimate < size + (160 << 20)
+    assert estimate_bundle_bytes(source.model, [scheme_for("int4")]) > estimate
 
 
 def test_the_cli_offers_every_weight_variant_the_quantizer_makes():

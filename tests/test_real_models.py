@@ -14,6 +14,7 @@ import pytest
 from conftest import CACHE, REPO, _code_key
 
 from splitllm.client import SplitClient
+from splitllm.errors import NotEnoughDiskSpace
 from splitllm.model.bundle import MANIFEST, Bundle
 from splitllm_export.validate import reference_run
 
@@ -53,7 +54,17 @@ def _bundle(name: str):
     if not (path / MANIFEST).is_file():
         for old in CACHE.glob(f"{name}-*"):
             shutil.rmtree(old, ignore_errors=True)
-        export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
+        try:
+            export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
+        except NotEnoughDiskSpace:
+            # A small disk (seen on CI machines): hold one of these bundles at a time, not both.
+            for other in SPLITS:
+                for old in CACHE.glob(f"{other}-*") if other != name else ():
+                    shutil.rmtree(old, ignore_errors=True)
+            try:
+                export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
+            except NotEnoughDiskSpace as exc:
+                pytest.skip(f"{name}: {exc}")
     return path
 
 

@@ -13,6 +13,7 @@ re-raised as one of these with the original chained as ``__cause__``.
     ├── ExportError                 the exporter could not write a bundle
     │   ├── UnsupportedArchitecture model family we cannot split (names the supported ones)
     │   ├── ModelSourceError        missing or unreadable GGUF / checkpoint
+    │   ├── NotEnoughDiskSpace      the output's filesystem cannot hold the bundle (checked first)
     │   └── ValidationFailed        a split's output differs from the reference
     ├── RuntimeFailure              ONNX Runtime failed while running a segment
     ├── CodecError                  a payload cannot be encoded or decoded
@@ -61,6 +62,7 @@ __all__ = [
     "InvalidToken",
     "LimitExceeded",
     "ModelSourceError",
+    "NotEnoughDiskSpace",
     "PlannerError",
     "ProtocolError",
     "RateLimited",
@@ -116,6 +118,10 @@ class UnsupportedArchitecture(ExportError):
 
 class ModelSourceError(ExportError):
     code = "model_source"
+
+
+class NotEnoughDiskSpace(ExportError):
+    code = "not_enough_disk_space"
 
 
 class ValidationFailed(ExportError):
