@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/capacity.py [--bundle bundles/smollm2] [--counts 2,4,6,8,10,12,16,20,24,32]
 [--tokens 32] [--policies all-server,greedy,dp] [--max-seconds 1200] [--plot capacity.png] [--seed 0]
-[--repeats 1]``
+[--repeats 1] [--sla-scale 1] [--classes fiber,wifi,cable,lte,3g,rural]``
 
 A mixed population (live_workload's client classes: fiber, wifi, cable, LTE, 3G, rural, in that
 order and proportion) connects to one ``splitllm-server``, each client through its own emulated
@@ -25,6 +25,11 @@ So that the measurement is about the server and not this 2-core machine:
 - the report shows, per step, the server's utilisation (its compute seconds / wall time, from its
   /metrics) and the benchmark process's CPU share of core 1.
 
+First it prints each class's decode plan on the planner's own model (greedy's and the DP's
+units on the server and their work, no load): where the two are the same plan, no live run can
+show the DP carrying more clients than greedy. ``--classes lte-flagship`` runs the scenario in
+which that model says the DP needs none of the server and greedy half of it (``MORE_CLIENTS``).
+
 Prints a table per policy, ``--plot`` draws the curves (matplotlib), and the last line is JSON with
 ``capacity`` per policy and ``dp_vs_all_server`` / ``dp_vs_greedy`` ratios.
 """
@@ -43,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from live_workload import CLIENTS, ClientSpec, metrics
+from live_workload import CLIENTS, ClientSpec, metrics, phase_problem
 
 from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
 from splitllm.model.bundle import Bundle
+from splitllm.planner import dp, greedy
 from splitllm.planner.profile import Profile, load_or_measure
 from splitllm.testing import PhantomDevice, ShapedLink, scaled_profile, spawn_server, stop_server
 
@@ -55,6 +61,14 @@ REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("all-server", "greedy", "dp")
 TOPICS = ("the sea", "a robot", "bread", "mountains", "a violin", "rain", "chess", "the moon", "tea", "a bridge")
 WITHIN = 0.95  # the share of clients within SLA that a count must reach to count as carried
+# A class outside live_workload's six, for the scenario in which the planner's own model says the
+# DP needs far less of the server than greedy (docs/capacity.md): a phone 3x slower than one core
+# here on LTE with a 50 ms round trip. Its device alone meets the 110 ms token SLA, but every
+# single split pays the round trip, so greedy, growing the device's prefix from all-server, stops
+# at the first prefix that breaks the SLA with about half the model on the server; the DP finds
+# all-device. (On the six classes the two plans cost the server within 5% of each other.)
+MORE_CLIENTS = (ClientSpec("lte-flagship", 10e6, 30e6, 50, 3, 110, 1100),)
+KNOWN = {c.name: c for c in CLIENTS + MORE_CLIENTS}
 
 
 def _pin(cpu: int) -> None:
@@ -73,8 +87,9 @@ def _compute_s(m: dict[str, float]) -> float:
 
 async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, base: Profile, bundle: Bundle,
                    rng: random.Random) -> dict[str, Any]:
+    classes = [KNOWN[name] for name in args.classes]
     specs = [ClientSpec(c.name, c.uplink_bps, c.downlink_bps, c.rtt_ms, c.device_factor, c.token_ms * args.sla_scale,
-                        c.ttft_ms * args.sla_scale) for c in (CLIENTS[i % len(CLIENTS)] for i in range(count))]
+                        c.ttft_ms * args.sla_scale) for c in (classes[i % len(classes)] for i in range(count))]
     host, port = url.rsplit("/", 1)[-1].split(":")
     links = [ShapedLink(host, int(port), uplink_bps=s.uplink_bps, downlink_bps=s.downlink_bps, rtt_ms=s.rtt_ms)
              for s in specs]
@@ -146,7 +161,9 @@ async def run_step(policy: str, count: int, args: argparse.Namespace, url: str, 
                            "model_error_ms": follower.model_error_ms if follower is not None else None})
     busy = _compute_s(after) - _compute_s(before) if after else 0.0
     client_cpu = ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) if cpu0 and cpu1 else 0.0
+    plans = after.get("splitllm_plans_total", 0.0) - before.get("splitllm_plans_total", 0.0) if after else 0.0
     return {"policy": policy, "clients": count, "within_sla": sum(within) / count, "errors": len(errors),
+            "plans_during_step": int(plans),
             "error_samples": errors[:3], "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall if wall else 0.0, "server_ms_per_token": busy * 1e3 / tokens if tokens else None,
             "server_utilisation": busy / wall if wall else None,
@@ -164,6 +181,7 @@ def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged["errors"] = sum(r["errors"] for r in runs)
     merged["error_samples"] = [e for r in runs for e in r["error_samples"]][:3]
     merged["tokens"] = sum(r["tokens"] for r in runs)
+    merged["plans_during_step"] = sum(r["plans_during_step"] for r in runs)
     for key in ("tok_s", "server_ms_per_token", "server_utilisation", "client_core_share"):
         values = [r[key] for r in runs if r[key] is not None]
         merged[key] = sum(values) / len(values) if values else None
@@ -171,9 +189,31 @@ def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def planner_view(bundle: Bundle, base: Profile, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each class's decode plan on the planner's own model (the server's 1-thread profile, no load,
+    no model error): what greedy and the DP would place on the server and the work it costs."""
+    rows = []
+    for name in dict.fromkeys(args.classes):
+        c = KNOWN[name]
+        device = scaled_profile(base, c.device_factor)
+        problem = phase_problem(device, base, bundle, args.codec, None, uplink_bps=c.uplink_bps,
+                                downlink_bps=c.downlink_bps, rtt_ms=c.rtt_ms, sla_ms=c.token_ms * args.sla_scale)
+        g, d = greedy(problem), dp(problem)
+        rows.append({"class": name, "device_ms": sum(device.decode_ms), "sla_ms": problem.sla_ms,
+                     "greedy_units": sum(s == "server" for s in g.placement), "greedy_work": g.server_work,
+                     "dp_units": sum(s == "server" for s in d.placement), "dp_work": d.server_work})
+    print("the planner's own model, one decode step per class (server work in ms of its 1-thread profile):")
+    for r in rows:
+        print(f"  {r['class']:13s} all on device {r['device_ms']:6.1f} ms, SLA {r['sla_ms']:6.1f} ms: greedy "
+              f"{r['greedy_units']:2d} units on the server ({r['greedy_work']:5.2f}), DP {r['dp_units']:2d} "
+              f"({r['dp_work']:5.2f})")
+    return rows
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     bundle = Bundle.open(args.bundle)
     base = load_or_measure(bundle, threads=1)  # this machine, 1 thread: the x1 device
+    view = planner_view(bundle, base, args)
     rng = random.Random(args.seed)
     proc, url = spawn_server(args.bundle, ["--threads", "1", "--segment-cache", "12", *args.server_args.split()],
                              preexec_fn=(lambda: _pin(0)))
@@ -194,7 +234,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{policy:10s} {count:3d} clients: {shares}% within SLA, "
                       f"{res['tok_s']:6.1f} tok/s, server {res['server_ms_per_token'] or 0:6.2f} ms/token, "
                       f"server busy {100 * (res['server_utilisation'] or 0):5.1f}%, client core "
-                      f"{100 * (res['client_core_share'] or 0):5.1f}%, errors {res['errors']}", flush=True)
+                      f"{100 * (res['client_core_share'] or 0):5.1f}%, plans {res['plans_during_step']}, "
+                      f"TTFT max {max((c['ttft_ms'] or 0) for c in res['per_client']):5.0f} ms, errors {res['errors']}",
+                      flush=True)
                 below = below + 1 if res["within_sla"] < WITHIN else 0
                 if below >= 2:
                     break  # two counts in a row past capacity: the curve has turned
@@ -208,7 +250,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {"capacity": capacity, "dp_vs_all_server": ratio("dp", "all-server") if "dp" in capacity else None,
             "dp_vs_greedy": ratio("dp", "greedy") if "dp" in capacity else None,
             "errors": sum(s["errors"] for s in steps), "steps": steps, "tokens": args.tokens, "codec": args.codec,
-            "seed": args.seed, "sla_scale": args.sla_scale, "repeats": args.repeats}
+            "seed": args.seed, "sla_scale": args.sla_scale, "repeats": args.repeats, "classes": args.classes,
+            "planner_view": view}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -250,12 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sla-scale", type=float, default=1.0,
                    help="multiply every client class's SLAs (live_workload's) by this factor")
+    p.add_argument("--classes", type=lambda s: s.split(","), default=[c.name for c in CLIENTS],
+                   help="the client classes of the population, in turn (default: live_workload's six; "
+                        "also: " + ", ".join(c.name for c in MORE_CLIENTS) + ")")
+    p.add_argument("--planner-only", action="store_true",
+                   help="print the planner's own view of each class's decode plan and stop (no server)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.classes) - set(KNOWN))
+    if unknown:
+        p.error(f"unknown client classes {unknown}; known: {', '.join(KNOWN)}")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     if not (args.bundle / "manifest.json").is_file():
         raise SystemExit(f"no bundle at {args.bundle}: splitllm-export -q -o {args.bundle}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.planner_only:
+        bundle = Bundle.open(args.bundle)
+        print(json.dumps({"planner_view": planner_view(bundle, load_or_measure(bundle, threads=1), args),
+                          "sla_scale": args.sla_scale}))
+        return 0
     report = asyncio.run(bench(args))
     print("\ncapacity (clients within SLA at >= 95%): "
           + ", ".join(f"{k} {v}" for k, v in report["capacity"].items())

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -531,3 +532,32 @@ def test_cli_main_in_process(tmp_path, capsys) -> None:
     path.write_text(json.dumps(valid_dict()))
     assert main([str(path), "--algorithm", "greedy"]) == 0
     assert json.loads(capsys.readouterr().out)["algorithm"] == "greedy"
+
+
+def test_capacity_scenarios_are_what_the_docs_say_on_the_planners_model(smollm2_bundle) -> None:
+    """benchmarks/capacity.py's planner view on a SmolLM2-shaped profile (head ~8.6 layers): on the
+    six live classes greedy and the DP cost the server within a few percent, on lte-flagship greedy
+    puts half the model on the server and the DP none (docs/capacity.md, session 7)."""
+    import argparse
+
+    from splitllm.model.bundle import Bundle
+    from splitllm.planner.profile import Profile
+
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import capacity
+    finally:
+        sys.path.remove(bench_dir)
+    bundle = Bundle.open(smollm2_bundle, verify=False)
+    layers = bundle.num_units - 2
+    decode = (0.05, *([0.8] * layers), 6.85)  # ms per unit on one core: embeddings, layers, head
+    base = Profile(bundle_id="", threads=1, prefill_tokens=64, context=0,
+                   prefill_ms=tuple(10 * ms for ms in decode), decode_ms=decode)
+    args = argparse.Namespace(classes=[c.name for c in capacity.CLIENTS], sla_scale=1.4, codec="int8-block64")
+    for row in capacity.planner_view(bundle, base, args):
+        assert row["dp_work"] <= row["greedy_work"] <= 1.1 * row["dp_work"] + 1e-9, row
+    args.classes, args.sla_scale = ["lte-flagship"], 1.0
+    (row,) = capacity.planner_view(bundle, base, args)
+    assert row["device_ms"] < row["sla_ms"]
+    assert row["dp_units"] == 0 and row["greedy_units"] >= bundle.num_units // 3, row
