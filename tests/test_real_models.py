@@ -58,9 +58,8 @@ def _bundle(name: str):
             export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
         except NotEnoughDiskSpace:
             # A small disk (seen on CI machines): hold one of these bundles at a time, not both.
-            for other in SPLITS:
-                for old in CACHE.glob(f"{other}-*") if other != name else ():
-                    shutil.rmtree(old, ignore_errors=True)
+            for old in (p for other in SPLITS if other != name for p in CACHE.glob(f"{other}-*")):
+                shutil.rmtree(old, ignore_errors=True)
             try:
                 export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
             except NotEnoughDiskSpace as exc:
