@@ -179,12 +179,19 @@ async def test_plan_of_a_batching_server_prices_its_occupancy(tiny_export, start
     serial = await start_server(path, max_batch=1)
     profile = Profile("x", 1, 16, 16, (0.5,) * 6, (0.5,) * 6)
     request = PlanRequest(client_profile=profile, sla=PhaseSLA(500.0, 50.0), prompt_tokens=16, codec="fp32")
-    clients = [SplitClient(path, batched.url, codec="fp32") for _ in range(3)]
+    clients = [SplitClient(path, batched.url, split=1, codec="fp32") for _ in range(4)]
     try:
         for client in clients:
             await client.connect()
+        # Three sessions step at split 1 (embeddings and layer 0 on the device, the server runs units
+        # 2-5); the fourth only connects.
+        for client in clients[:3]:
+            async for _ in client.generate_ids([1, 2, 3], max_new_tokens=2, ignore_eos=True):
+                pass
         answer = await clients[0].remote.plan(request)
-        assert answer.extra == {"pricing": "batch-marginal", "occupancy": 2}
+        # Rows per unit: the two *other* sessions that ran it; the idle one and the asker are not.
+        assert answer.extra == {"pricing": "batch-marginal", "occupancy": 2, "unit_rows": [0, 0, 2, 2, 2, 2]}
+        assert batched.state.engine.active_sessions() == 3
         assert answer.load_factor == 1.0
         assert list(tmp_path.glob("batchcurve-*.json")), "the curve was not cached"
         async with SplitClient(path, serial.url, codec="fp32") as alone:

@@ -18,8 +18,9 @@ Scheduling (``docs/architecture.md`` has the picture and the reasons):
   the decode batches. While decode steps wait, a chunk is sized from the measured costs so that
   one of its pieces takes about half as long as a piece of the decode batch: a long prompt
   stretches the others' steps by about 1.5x; alone, it runs in chunks of ``prefill_chunk``.
-- Before a batch smaller than the live sessions, the scheduler waits up to ``batch_window_ms``
-  for the others' steps to arrive.
+- Before a batch smaller than the sessions active here (a step in the last ``ACTIVE_S``), the
+  scheduler waits up to ``batch_window_ms`` for the others' steps to arrive; a session that runs
+  everything on its device is not waited for.
 - A job that fails (bad input, ORT error) fails alone: its future gets the error, its rows'
   lengths are left as they were, and the batch it was in is retried without it.
 
@@ -73,6 +74,7 @@ _MIN_CHUNK = 8  # positions: below this a chunk costs more in per-run overhead t
 _PROMPT_SHARE = 0.5  # a prompt's chunk-piece may take this fraction of a decode batch's piece
 _EWMA = 0.2
 _DECODE_RECENT_S = 1.0  # a decode batch this recent means sessions are decoding
+ACTIVE_S = 2.0  # a session whose last step here is older than this is not counted as a batch row
 _IDLE_GAP_ROWS = 8  # a span is cut where more idle rows than this lie between two real ones
 
 
@@ -159,6 +161,9 @@ class Engine:
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._jobs: list[_Job] = []
         self._open: dict[int, Any] = {}  # slot -> the KV store of the session holding it
+        # slot -> (monotonic time, start, end) of the session's latest Run: which units it keeps
+        # busy here. Written on the event loop (``run``), read as a copy from any thread.
+        self._last_range: dict[int, tuple[float, int, int]] = {}
         self._stop = False
         self._observers: list[Callable[[str, float], None]] = []
         self._thread = threading.Thread(target=self._loop, name="splitllm-engine", daemon=True)
@@ -186,6 +191,7 @@ class Engine:
         """Free a session's slot; its KV is forgotten and any step of it still queued is dropped.
         Safe to call from any thread."""
         def give_back() -> None:
+            self._last_range.pop(slot, None)
             if self._open.pop(slot, None) is None:
                 return
             for job in [j for j in self._jobs if j.slot == slot]:
@@ -209,6 +215,7 @@ class Engine:
         future: Future[tuple[wire.Result, RunTiming]] = Future()
         job = _Job(slot=slot, kv=kv, msg=msg, x=np.empty(0), pieces=self.pieces(msg.start, msg.end),
                    num_units=self.bundle.num_units, future=future, enqueued=time.perf_counter())
+        self._last_range[slot] = (time.monotonic(), msg.start, msg.end)
         with self._cond:
             self._incoming.append(job)
             self._cond.notify()
@@ -263,8 +270,29 @@ class Engine:
 
     @property
     def live_sessions(self) -> int:
-        """Sessions holding a slot (the batch window waits for at most this many steps)."""
+        """Sessions holding a slot."""
         return len(self._open)
+
+    def _active(self) -> list[tuple[int, int, int]]:
+        """(slot, start, end) of the open sessions that ran on this server in the last ACTIVE_S."""
+        cutoff = time.monotonic() - ACTIVE_S
+        return [(slot, start, end) for slot, (at, start, end) in self._last_range.copy().items()
+                if at >= cutoff and slot in self._open]
+
+    def active_sessions(self) -> int:
+        """Sessions that ran a step here in the last ACTIVE_S seconds: a session that runs every
+        unit on its device holds a slot but never joins a batch (the batch window waits for these)."""
+        return len(self._active())
+
+    def unit_rows(self, exclude_slot: int | None = None) -> list[int]:
+        """Per unit, the active sessions whose latest step ran it here (the asker's own left out):
+        the rows a new session's step at that unit would join."""
+        rows = [0] * self.bundle.num_units
+        for slot, start, end in self._active():
+            if slot != exclude_slot:
+                for unit in range(start, end):
+                    rows[unit] += 1
+        return rows
 
     def close(self) -> None:
         with self._cond:
@@ -412,7 +440,8 @@ class Engine:
         first = min(j.next_piece for j in decode)
         group = [j for j in decode if j.next_piece == first]
         fresh = [j.enqueued for j in group if j.started is None]
-        if fresh and self.batch_window_s > 0 and len(group) < self.max_batch and len(self._jobs) < len(self._open):
+        if (fresh and self.batch_window_s > 0 and len(group) < self.max_batch
+                and len(self._jobs) < self.active_sessions()):
             # Other sessions' steps may be on their way: a step waits at most the window for them.
             wait_s = min(fresh) + self.batch_window_s - time.perf_counter()
             if wait_s > 0:

@@ -173,7 +173,8 @@ class Connection:
                 self.check_layer_unit(msg.unit)
                 await self.send(await self.state.engine.call(self.kv_get, msg))
             elif isinstance(msg, wire.Plan):  # planned by the replica holding this session
-                await self.send(await plan_frame(self.state, msg))
+                slot = self.session.slot if self.session is not None else None
+                await self.send(await plan_frame(self.state, msg, slot))
             elif isinstance(msg, wire.Ping):
                 await self.send(wire.Pong(seq=msg.seq, sent_ms=msg.sent_ms, pad_len=len(msg.pad)))
             elif isinstance(msg, wire.Close):

@@ -74,44 +74,48 @@ class ServerCosts:
     extra: dict[str, Any]  # reported to the client beside the policy
 
 
-def server_costs(state: ServerState, server: Profile, curve: BatchCurve | None, prompt_tokens: int) -> ServerCosts:
+def server_costs(state: ServerState, server: Profile, curve: BatchCurve | None, prompt_tokens: int,
+                 exclude_slot: int | None = None) -> ServerCosts:
     """The server's side of a planning problem: its times per unit and phase, and its work.
 
-    A batching server prices a decode step at the batch it will join: the step time with one
-    more row than the sessions it holds besides the asker, and as work the marginal time that row
-    adds (``costcurve``). A prompt runs in chunks alternating with the decode batches, so while
-    others decode it takes about twice its own time. Without batching: the measured times
-    stretched by the M/M/1 load factor, as before.
+    A batching server prices each unit's decode step at the batch it will join there: the rows
+    that unit runs now for the other sessions active on it (``Engine.unit_rows``; a session that
+    runs everything on its device adds none), plus the asker's; as work, the marginal time the
+    asker's row adds (``costcurve``), which is the unit's whole batch-1 time where nobody else runs
+    it. A prompt runs in chunks alternating with the decode batches, so while others decode it
+    takes about twice its own time. Without batching: the measured times stretched by the M/M/1
+    load factor, as before.
     """
     engine = state.engine
     num_units = state.bundle.num_units
     if curve is None:
         return ServerCosts(server.scaled_prefill_ms(prompt_tokens), server.decode_ms, engine.load_factor(), None,
                            {"pricing": "load-factor"})
-    others = max(engine.live_sessions - 1, 0)
-    stretch = 2.0 if others else 1.0
+    rows = engine.unit_rows(exclude_slot)
+    stretch = 2.0 if any(rows) else 1.0
     return ServerCosts(
         prefill_ms=[ms * stretch for ms in server.scaled_prefill_ms(prompt_tokens)],
-        decode_ms=[curve.step_ms(u, num_units, others + 1) for u in range(num_units)],
+        decode_ms=[curve.step_ms(u, num_units, rows[u] + 1) for u in range(num_units)],
         load_factor=1.0,
-        decode_work=[curve.marginal_ms(u, num_units, others) for u in range(num_units)],
-        extra={"pricing": "batch-marginal", "occupancy": others},
+        decode_work=[curve.marginal_ms(u, num_units, rows[u]) for u in range(num_units)],
+        extra={"pricing": "batch-marginal", "occupancy": max(rows), "unit_rows": rows},
     )
 
 
 MAX_PLAN_REQUEST_BYTES = 1024 * 1024  # as the HTTP body limit of POST /v1/plan
 
 
-async def make_plan(state: ServerState, text: str) -> dict[str, Any]:
-    """The plan for the JSON request ``text`` (the body of POST /v1/plan, or a Plan frame's), as
-    the JSON of a :class:`PlanResponse`. Raises a SplitLLMError (ConfigError for a bad request)."""
+async def make_plan(state: ServerState, text: str, slot: int | None = None) -> dict[str, Any]:
+    """The plan for the JSON request ``text`` (the body of POST /v1/plan, or a Plan frame's from
+    the session in ``slot``, whose own rows are not counted as others'), as the JSON of a
+    :class:`PlanResponse`. Raises a SplitLLMError (ConfigError for a bad request)."""
     try:
         body = json.loads(text, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"the plan request is not valid JSON: {exc}") from exc
     req = PlanRequest.from_json(body, state.bundle.num_units)
     server = await server_profile(state)
-    costs = server_costs(state, server, await batch_curve(state), req.prompt_tokens)
+    costs = server_costs(state, server, await batch_curve(state), req.prompt_tokens, slot)
     client = req.client_profile
     policies = await asyncio.get_running_loop().run_in_executor(None, lambda: build_policies(
         client_prefill_ms=client.scaled_prefill_ms(req.prompt_tokens),
@@ -136,7 +140,7 @@ async def make_plan(state: ServerState, text: str) -> dict[str, Any]:
     return answer.to_json()
 
 
-async def plan_frame(state: ServerState, msg: wire.Plan) -> wire.PlanResult:
+async def plan_frame(state: ServerState, msg: wire.Plan, slot: int | None = None) -> wire.PlanResult:
     """Answer a Plan frame on the session that sent it (the replica that holds its KV)."""
     if len(msg.request) > MAX_PLAN_REQUEST_BYTES:
         raise ConfigError(f"plan request of {len(msg.request)} bytes exceeds {MAX_PLAN_REQUEST_BYTES}")
@@ -144,5 +148,5 @@ async def plan_frame(state: ServerState, msg: wire.Plan) -> wire.PlanResult:
         text = msg.request.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"the plan request is not UTF-8: {exc}") from exc
-    answer = await make_plan(state, text)
+    answer = await make_plan(state, text, slot)
     return wire.PlanResult(seq=msg.seq, policy=json.dumps(answer, separators=(",", ":")).encode())
