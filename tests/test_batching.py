@@ -132,9 +132,16 @@ async def test_a_faulty_client_fails_alone_and_the_batch_goes_on(tiny_export, st
                 await remote.run(3, 6, 9, np.zeros((1, 1, 64), np.float32), "token",
                                  SamplingParams(), "fp32")
             await asyncio.sleep(0.01)
-        # Then it vanishes mid-generation without a Close.
-        task = asyncio.create_task(_generate(client, prompts[0], 50))
-        await asyncio.sleep(0.05)
+        # Then it vanishes mid-generation without a Close: after its first token, with 49 to go
+        # (a fixed sleep raced a fast generation to its end).
+        first_token = asyncio.Event()
+
+        async def generate() -> None:
+            async for _ in client.generate_ids(prompts[0], max_new_tokens=50, ignore_eos=True):
+                first_token.set()
+
+        task = asyncio.create_task(generate())
+        await asyncio.wait_for(first_token.wait(), 60)
         await client.remote._broken()  # noqa: SLF001 - drop the socket as a crashed device would
         task.cancel()
         with pytest.raises((asyncio.CancelledError, errors.SplitLLMError)):
