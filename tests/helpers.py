@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def chat_ids(source, text: str) -> list[int]:
@@ -16,3 +22,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as module ``name`` (registered in sys.modules first:
+    dataclasses look their module up while the file executes, and a benchmark that imports a
+    sibling, such as capacity's ``from live_workload import ...``, finds it once it is loaded)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no benchmark {name!r} under {BENCHMARKS}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

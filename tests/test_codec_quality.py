@@ -9,31 +9,17 @@ value and next to the SmolLM2 figure it stands for.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import load_benchmark
 
 from splitllm import codec as codecs
 from splitllm.errors import ConfigError
 from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, Segment
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-texts = _load("_texts")
-quality = _load("_quality")
+texts = load_benchmark("_texts")
+quality = load_benchmark("_quality")
 
 TOKENS = 384
 SPLITS = (1, 3)

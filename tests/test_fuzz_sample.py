@@ -4,32 +4,20 @@ real server taking garbage frames while a client generates. The full run is
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+from helpers import load_benchmark
 
 from splitllm import codec as codecs
 from splitllm import errors
 from splitllm.model.bundle import Bundle
 from splitllm.protocol import wire
 
-
-def _load_fuzz():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
-    spec = importlib.util.spec_from_file_location("splitllm_benchmarks_fuzz", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
+fuzz = load_benchmark("fuzz")
 
 # Findings of benchmarks/fuzz.py that are not fixed yet (docs/reliability.md, "Findings"). Each has
 # a strict xfail test below, which fails once the bug is fixed: then delete the entry and the marker.

@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_benchmark
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -543,12 +543,8 @@ def test_capacity_scenarios_are_what_the_docs_say_on_the_planners_model(smollm2_
     from splitllm.model.bundle import Bundle
     from splitllm.planner.profile import Profile
 
-    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench_dir)
-    try:
-        import capacity
-    finally:
-        sys.path.remove(bench_dir)
+    load_benchmark("live_workload")  # capacity imports it
+    capacity = load_benchmark("capacity")
     bundle = Bundle.open(smollm2_bundle, verify=False)
     layers = bundle.num_units - 2
     decode = (0.05, *([0.8] * layers), 6.85)  # ms per unit on one core: embeddings, layers, head
