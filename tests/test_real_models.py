@@ -54,14 +54,18 @@ def _bundle(name: str):
     if not (path / MANIFEST).is_file():
         for old in CACHE.glob(f"{name}-*"):
             shutil.rmtree(old, ignore_errors=True)
-        try:
+
+        def export() -> None:
             export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
+
+        try:
+            export()
         except NotEnoughDiskSpace:
             # A small disk (seen on CI machines): hold one of these bundles at a time, not both.
             for old in (p for other in SPLITS if other != name for p in CACHE.glob(f"{other}-*")):
                 shutil.rmtree(old, ignore_errors=True)
             try:
-                export_bundle(_source(name), path, force=True, show_progress=False, splits=SPLITS[name])
+                export()
             except NotEnoughDiskSpace as exc:
                 pytest.skip(f"{name}: {exc}")
     return path

@@ -90,8 +90,7 @@ def estimate_bundle_bytes(model: Any, schemes: Sequence[Scheme] = ()) -> int:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             fp32 += p.numel() * 4
-    per_variant = sum(((s.layer_bits or 16) if s.table_bits is None else max(s.layer_bits or 16, s.table_bits)) + 2
-                      for s in schemes) / 32
+    per_variant = sum(max(s.layer_bits or 16, s.table_bits or 16) + 2 for s in schemes) / 32  # None: 16-bit
     return int(fp32 * (1 + per_variant) * 1.05) + (128 << 20)
 
 
