@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -35,3 +38,13 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Wait until ``condition()`` holds, polling every 20 ms; fail after ``timeout_s``. Tests wait
+    on what they mean, never on a fixed sleep: a loaded machine only makes this slower."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not met within {timeout_s:g} s")
+        await asyncio.sleep(0.02)

@@ -229,10 +229,17 @@ def test_placement_runs_and_their_compact_text():
     assert Placement.for_split(10, 32).compact() == "C0-10 S11-31"
 
 
+@pytest.mark.parametrize("speculate", ["off", "auto"])
 @pytest.mark.parametrize("chunk_units", [0, 1])
-async def test_placement_changes_mid_generation_keep_tokens_exact(chunk_units, tiny_export, start_server):
-    """Switch every few tokens, including plans that cross the link several times (and, with
-    chunk_units=1, server ranges run as chains of one-unit sessions)."""
+async def test_placement_changes_mid_generation_keep_tokens_exact(chunk_units, speculate, tiny_export, start_server):
+    """Switch placements while generating, including plans that cross the link several times
+    (and, with chunk_units=1, server ranges run as chains of one-unit sessions).
+
+    A placement requested mid-generation takes effect before the next step. With speculation off
+    a step yields one token, so a switch every 4 tokens uses every placement of the schedule.
+    With speculation on a step may yield several tokens, so the test asks for the next placement
+    only once the previous one is in use (and while a step is still to come): every placement
+    asked for is used, whatever the tokens per step."""
     from splitllm.client import Placement
 
     path, source = tiny_export("llama", layers=4)
@@ -249,12 +256,21 @@ async def test_placement_changes_mid_generation_keep_tokens_exact(chunk_units, t
         Placement.for_split(4, 6),
         Placement((c, s, c, s, c, s)),
     ]
-    async with SplitClient(path, server.url, split=2, codec="fp32") as client:
-        got = []
+    async with SplitClient(path, server.url, split=2, codec="fp32", speculate=speculate) as client:
+        got: list[int] = []
+        asked = 0
         async for piece in client.generate_ids(ids, max_new_tokens=NEW_TOKENS, ignore_eos=True):
             got.append(piece.token_id)
-            if len(got) % 4 == 0:
-                client.set_placement(schedule[(len(got) // 4) % len(schedule)])
+            if speculate == "off":
+                if len(got) % 4 == 0:
+                    asked += 1
+                    client.set_placement(schedule[asked % len(schedule)])
+            elif client.placements_used == asked and len(got) < NEW_TOKENS:
+                asked += 1
+                client.set_placement(schedule[asked % len(schedule)])
         assert client.last_stats.new_ids == ref
-        assert client.placements_used >= 7
+        if speculate == "off":  # asked at tokens 4, 8, ..., 32; the last one after the final step
+            assert asked == NEW_TOKENS // 4 and client.placements_used == asked - 1
+        else:  # asked only while a step was still to come, so every one was used
+            assert asked >= 2 and client.placements_used == asked
     assert server.state.metrics.errors == {}

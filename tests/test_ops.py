@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import numpy as np
 import pytest
+from helpers import until
 
 from splitllm import codec as codecs
 from splitllm.model.bundle import Bundle
@@ -65,12 +67,14 @@ async def test_a_socket_without_hello_is_closed_at_the_handshake_deadline(tiny_e
         greeted = await http.ws_connect(_ws_url(server.url))
         await greeted.send_bytes(_hello(bundle))
         assert isinstance(wire.unpack((await greeted.receive(timeout=30)).data), wire.Welcome)
+        # The server armed the greeted socket's deadline before this Welcome was sent.
+        greeted_deadline = time.monotonic() + 0.3
         close = wire.unpack((await silent.receive(timeout=30)).data)
         assert isinstance(close, wire.Close) and "no valid Hello within 0.3 s" in close.reason
         end = await silent.receive(timeout=30)
         assert end.type == aiohttp.WSMsgType.CLOSE and end.data == aiohttp.WSCloseCode.POLICY_VIOLATION
-        # The greeted connection outlives the deadline and still answers.
-        await asyncio.sleep(0.5)
+        # The greeted connection outlives its own deadline and still answers.
+        await until(lambda: time.monotonic() > greeted_deadline, what="the greeted socket's deadline")
         await greeted.send_bytes(wire.pack(wire.Ping(seq=1, sent_ms=0.0, pad=b"")))
         assert isinstance(wire.unpack((await greeted.receive(timeout=30)).data), wire.Pong)
         await greeted.close()

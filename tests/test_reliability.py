@@ -11,12 +11,13 @@ import time
 
 import aiohttp
 import pytest
-from helpers import chat_ids, free_port
+from helpers import chat_ids, free_port, until
 
 from splitllm import errors
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.protocol import wire
+from splitllm.testing.netem import ShapedLink
 from splitllm_export.validate import reference_run
 
 TOKENS = 32
@@ -129,7 +130,7 @@ async def test_limits_answer_with_their_own_codes(tiny_export, start_server):
             await w.close()
     # max_sessions=2: the client below needs the closed connections' sessions gone (each new
     # connection has its own full rate bucket).
-    await _until(lambda: len(server.state.sessions) == 0)
+    await until(lambda: len(server.state.sessions) == 0)
     async with SplitClient(path, server.url, split=1, codec="fp32") as client:
         with pytest.raises(errors.TooManyTokens):
             async for _ in client.generate_ids(_ids(source), max_new_tokens=20, ignore_eos=True):
@@ -144,19 +145,12 @@ async def test_idle_sessions_are_closed_with_a_reason_and_freed(tiny_export, sta
             pass
         assert server.state.sessions.kv_bytes() > 0
         # The reaper closes the connection, counts the eviction, then drops what is left, all in one turn.
-        await _until(lambda: server.state.sessions.evicted_total >= 1 and len(server.state.sessions) == 0)
+        await until(lambda: server.state.sessions.evicted_total >= 1 and len(server.state.sessions) == 0)
         assert len(server.state.sessions) == 0
         assert server.state.sessions.kv_bytes() == 0
         assert server.state.sessions.evicted_total == 1
-        await _until(lambda: not client.remote.connected)
+        await until(lambda: not client.remote.connected)
         assert "idle" in client.remote.closed_reason
-
-
-async def _until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_an_idle_client_keeps_its_connection_through_heartbeats(tiny_export, start_server):
@@ -168,20 +162,26 @@ async def test_an_idle_client_keeps_its_connection_through_heartbeats(tiny_expor
         async for _ in local.generate_ids(ids, max_new_tokens=6, ignore_eos=True):
             pass
         reference = local.last_stats.new_ids
-    client = SplitClient(path, server.url, split=1, codec="fp32", failover_timeout_s=0)
-    client.remote.heartbeat_s = 0.4
-    async with client:
-        async for _ in client.generate_ids(ids, max_new_tokens=3, ignore_eos=True):
-            pass
-        first = client.last_stats.new_ids
-        ws = client.remote.ws
-        await asyncio.sleep(3.0)  # idle for several ping intervals of both sides
-        assert client.remote.connected and client.remote.ws is ws
-        async for _ in client.generate_ids(ids + first, max_new_tokens=3, ignore_eos=True):
-            pass
-        assert client.remote.ws is ws  # the same connection served the second turn
-        assert first + client.last_stats.new_ids == reference
-        assert server.state.sessions.opened_total == 1
+    # Through a plain (unshaped) proxy that counts bytes: while the client is idle, only
+    # heartbeats cross it (a masked client frame is 6 bytes, a server frame 2), so the counters
+    # say when several pings and pongs have passed.
+    async with ShapedLink("127.0.0.1", int(server.url.rsplit(":", 1)[1])) as link:
+        client = SplitClient(path, link.url, split=1, codec="fp32", failover_timeout_s=0)
+        client.remote.heartbeat_s = 0.4
+        async with client:
+            async for _ in client.generate_ids(ids, max_new_tokens=3, ignore_eos=True):
+                pass
+            first = client.last_stats.new_ids
+            ws = client.remote.ws
+            up, down = link.counters.bytes_up, link.counters.bytes_down
+            await until(lambda: link.counters.bytes_up >= up + 3 * 6 and link.counters.bytes_down >= down + 3 * 2,
+                        what="three heartbeat exchanges while idle")
+            assert client.remote.connected and client.remote.ws is ws
+            async for _ in client.generate_ids(ids + first, max_new_tokens=3, ignore_eos=True):
+                pass
+            assert client.remote.ws is ws  # the same connection served the second turn
+            assert first + client.last_stats.new_ids == reference
+    assert server.state.sessions.opened_total == 1
 
 
 async def test_a_thousand_open_close_cycles_leak_nothing(tiny_export, start_server):
@@ -194,7 +194,7 @@ async def test_a_thousand_open_close_cycles_leak_nothing(tiny_export, start_serv
             assert isinstance(welcome, wire.Welcome)
             await ws.send_bytes(wire.pack(wire.Close(reason="bye")))
             await ws.close()
-        await _until(lambda: len(server.state.sessions) == 0)
+        await until(lambda: len(server.state.sessions) == 0)
         async with http.get(server.url + "/metrics") as r:
             text = await r.text()
     assert "splitllm_sessions_active 0" in text
@@ -209,12 +209,12 @@ async def test_disconnect_frees_kv_and_shutdown_says_why(tiny_export, start_serv
         async for _ in client.generate_ids(_ids(source), max_new_tokens=3):
             pass
         assert server.state.sessions.kv_bytes() > 0
-    await _until(lambda: server.state.sessions.kv_bytes() == 0)
+    await until(lambda: server.state.sessions.kv_bytes() == 0)
     assert server.state.sessions.kv_bytes() == 0
     client = SplitClient(path, server.url, split=1, codec="fp32")
     await client.connect()
     await server.stop()
-    await _until(lambda: not client.remote.connected)
+    await until(lambda: not client.remote.connected)
     assert client.remote.closed_reason == "server shutting down"
     await client.close()
 
@@ -255,9 +255,12 @@ async def test_a_full_server_is_asked_again_with_backoff_until_a_session_frees(t
             await hasty.connect()  # retried for 0.3 s, then the server's own refusal
         await hasty.close()
         patient = SplitClient(path, server.url, split=1, codec="fp32", failover_timeout_s=30)
+        refused = server.state.metrics.errors.get("too_many_sessions", 0)
         waiting = asyncio.create_task(patient.connect())
-        await asyncio.sleep(0.5)
-        assert not waiting.done()  # still asking
+        # Refused twice more by the full server, and still asking.
+        await until(lambda: server.state.metrics.errors.get("too_many_sessions", 0) >= refused + 2,
+                    what="two more refusals")
+        assert not waiting.done()
         await first.close()
         await asyncio.wait_for(waiting, 30)
         assert await _generate_tokens(patient, _ids(source), 4) == reference_run(source.model, _ids(source), 3).tokens

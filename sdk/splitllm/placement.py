@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitllm.errors import ConfigError
+from splitllm.planner.model import CLIENT, SERVER  # one spelling of the two sides, the planner's
 
 __all__ = ["CLIENT", "SERVER", "Placement"]
-
-CLIENT = "client"
-SERVER = "server"
 
 
 @dataclass(frozen=True)

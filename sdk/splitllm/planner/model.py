@@ -264,10 +264,6 @@ class Plan:
             algorithm=algorithm,
         )
 
-    @property
-    def num_server_layers(self) -> int:
-        return sum(side == SERVER for side in self.placement)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "placement": list(self.placement),
