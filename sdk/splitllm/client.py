@@ -8,7 +8,7 @@ A *placement* says, for every unit (0 = embeddings, 1..L = decoder layers, L+1 =
 it runs on the client or the server. Split k is the placement "units [0, k] here, the rest
 there". The client is the API; one :class:`~splitllm.conversation.Conversation` holds the state
 across both sides (tokens, caches, placement, failover), a :class:`~splitllm.device.LocalDevice`
-runs the local ranges, and a :class:`~splitllm.protocol.connection.Remote` talks to the server.
+runs the local ranges, and a :class:`~splitllm.transport.Remote` talks to the server.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from splitllm.placement import SERVER, Placement
 from splitllm.planner import Policy
 from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile, load_or_measure
-from splitllm.protocol.connection import LinkStats, Remote
 from splitllm.protocol.plan import DEFAULT_CODEC
 from splitllm.speculate import GammaController, ModelDrafter, NgramDrafter, parse_speculate
 from splitllm.stream import GenerationStats, StopText, TokenPiece
+from splitllm.transport import LinkStats, Remote
 
 __all__ = ["ChatSession", "GenerationStats", "Placement", "SplitClient", "TokenPiece"]
 
