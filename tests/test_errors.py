@@ -69,7 +69,7 @@ def test_sdk_import_does_not_pull_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, splitllm, splitllm_server.gateway, splitllm.cli\n"
+    code = ("import sys, splitllm, splitllm_gateway.cli, splitllm.cli\n"
             "print([m for m in ('torch', 'transformers', 'onnx', 'optimum', 'scipy') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
