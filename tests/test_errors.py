@@ -32,7 +32,8 @@ def test_public_surface_is_pinned():
     assert sorted(splitllm.__all__) == sorted([
         "Bundle", "ChatSession", "GenerationStats", "Placement", "Plan", "Policy", "Problem", "Profile",
         "RuntimeOptions", "SamplingParams", "SplitClient", "SplitLLMError", "TokenPiece", "__version__",
-        "codec_names", "decode", "encode", "errors", "get_codec", "make_policy", "solve",
+        "codec_names", "decode", "encode", "errors", "get_codec", "load_or_measure", "make_policy", "run_chat",
+        "solve",
     ])
     for name in splitllm.__all__:
         assert hasattr(splitllm, name), name
