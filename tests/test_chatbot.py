@@ -76,11 +76,14 @@ def test_scripted_turns_and_the_cli_chat(server_url):
     assert r.returncode == 0, r.stderr
     assert "bot> " in r.stdout and "layers 0 here" in r.stdout
     r = subprocess.run([sys.executable, "-m", "splitllm.cli", "generate", "--bundle", str(path), "--server", url,
-                        "--max-new-tokens", "5", "--json", "Hi"], capture_output=True, text=True, timeout=120)
+                        "--max-new-tokens", "5", "--speculate", "2", "--drafter", "model", "--json", "Hi"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["ttft_ms"] == pytest.approx(got["first_token_s"] * 1e3, abs=0.1)
     assert (got["decode_tokens_per_s"] > 0) == (got["new_tokens"] > 1)
+    assert (got["draft_load_s"] > 0) == (got["drafted"] > 0)  # a fresh client's first draft loads the model
+    assert got["new_tokens"] == 1 or got["drafted"] > 0
 
 
 def test_speed_is_shown_as_the_first_token_wait_and_the_decode_rate_after_it():
@@ -93,3 +96,6 @@ def test_speed_is_shown_as_the_first_token_wait_and_the_decode_rate_after_it():
     assert speed_summary(stats) == "8 tokens, first in 3000 ms, then 10.0 tok/s"
     one = GenerationStats(new_tokens=1, seconds=0.5, first_token_s=0.5)
     assert one.decode_tokens_per_s == 0.0 and speed_summary(one) == "1 token, first in 500 ms"
+    loading = GenerationStats(new_tokens=8, seconds=8.2, first_token_s=3.0, draft_load_s=4.5)
+    assert loading.decode_tokens_per_s == pytest.approx(10.0)
+    assert speed_summary(loading) == "8 tokens, first in 3000 ms, then 10.0 tok/s (and 4.5 s loading the draft model, once)"

@@ -37,7 +37,9 @@ class GenerationStats:
     wait for the first token (the prompt's pass, plus whatever a first request pays: connecting,
     loading the local layers, warming up ONNX Runtime), and :attr:`decode_tokens_per_s`, the
     rate of the tokens after it. :attr:`tokens_per_s` mixes both (all tokens over all the time),
-    so a short first reply looks slow by it; displays show the two figures instead.
+    so a short first reply looks slow by it; displays show the two figures instead. Loading the
+    speculative draft model, which happens once per client at its first draft (after a first
+    token), is :attr:`draft_load_s` and not decoding either.
     """
 
     prompt_tokens: int = 0
@@ -53,6 +55,7 @@ class GenerationStats:
     steps: int = 0  # passes through the model (round trips when a server takes part), prompt included
     drafted: int = 0  # speculative drafts sent for verification
     accepted: int = 0  # drafts the model agreed with
+    draft_load_s: float = 0.0  # loading the draft model during this generation (its client's first draft)
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,8 +69,8 @@ class GenerationStats:
 
     @property
     def decode_seconds(self) -> float:
-        """Seconds from the first token to the last."""
-        return max(self.seconds - self.first_token_s, 0.0)
+        """Seconds from the first token to the last, less loading the draft model."""
+        return max(self.seconds - self.first_token_s - self.draft_load_s, 0.0)
 
     @property
     def decode_tokens_per_s(self) -> float:

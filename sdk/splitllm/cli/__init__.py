@@ -117,6 +117,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 "text": "".join(pieces), "new_ids": stats.new_ids, "split": stats.split,
                 "codec": stats.codec, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
                 "ttft_ms": round(stats.ttft_ms, 1), "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+                "draft_load_s": round(stats.draft_load_s, 3),
                 "tokens_per_s": round(stats.tokens_per_s, 2), "first_token_s": round(stats.first_token_s, 4),
                 "stop_reason": stats.stop_reason, "steps": stats.steps, "drafted": stats.drafted,
                 "accepted": stats.accepted,

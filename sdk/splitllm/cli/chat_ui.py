@@ -51,10 +51,12 @@ def offload_share(client: SplitClient) -> float:
 def speed_summary(stats: GenerationStats) -> str:
     """'24 tokens, first in 812 ms, then 11.3 tok/s': the wait for the first token (prompt and
     any first-request loading) apart from the decode speed after it, which a single tokens/s
-    figure would mix."""
+    figure would mix; the draft model's one-time loading, when this reply paid it, apart too."""
     text = f"{stats.new_tokens} token{'s' if stats.new_tokens != 1 else ''}, first in {stats.ttft_ms:.0f} ms"
     if stats.new_tokens > 1:
         text += f", then {stats.decode_tokens_per_s:.1f} tok/s"
+    if stats.draft_load_s >= 0.05:
+        text += f" (and {stats.draft_load_s:.1f} s loading the draft model, once)"
     return text
 
 
