@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 from _texts import Text, add_texts_arguments, chosen_texts, text_tokens
 
+from splitllm import Bundle
 from splitllm import codec as codecs
 from splitllm.errors import ConfigError
-from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 __all__ = [

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from splitllm import Bundle
 from splitllm.errors import ConfigError
-from splitllm.model.bundle import Bundle
 
 DEFAULT_TEXTS = "pydoc,code,license"
 

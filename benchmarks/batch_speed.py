@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitllm.model.bundle import Bundle
+from splitllm import Bundle
 from splitllm.model.runtime import RuntimeOptions
 from splitllm.protocol import wire
 from splitllm_server.costcurve import measure_curve

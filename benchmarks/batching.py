@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 from load import DEFAULT_BUNDLE, TOPICS, Server, ensure_bundle, run
 
-from splitllm.client import SplitClient
-from splitllm.model.bundle import Bundle
+from splitllm import Bundle, SplitClient
 
 SERIAL = ["--max-batch", "1"]
 

@@ -50,11 +50,9 @@ from typing import Any
 import numpy as np
 from live_workload import CLIENTS, ClientSpec, metrics, phase_problem
 
-from splitllm.client import SplitClient
+from splitllm import Bundle, Profile, SplitClient, load_or_measure
 from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import Bundle
 from splitllm.planner import dp, greedy
-from splitllm.planner.profile import Profile, load_or_measure
 from splitllm.testing import PhantomDevice, ShapedLink, scaled_profile, spawn_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]

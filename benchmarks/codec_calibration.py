@@ -52,9 +52,9 @@ from _quality import EXPORT_HINT, Evaluator, preamble
 from _texts import add_texts_arguments, chosen_texts, load_text, text_tokens
 from scipy.special import ndtr
 
+from splitllm import Bundle
 from splitllm import codec as codecs
 from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 HEADER_BYTES = 28  # the payload header of a (1, 1, H) tensor

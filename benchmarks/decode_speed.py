@@ -281,8 +281,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from splitllm.client import SplitClient
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle, SplitClient
 
     torch.set_num_threads(args.threads)
     spinning = {"default": None, "on": True, "off": False}[args.spinning]
@@ -352,7 +351,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from splitllm.codec import codec_names
+    from splitllm import codec_names
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per run (default %(default)s)")

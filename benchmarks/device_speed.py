@@ -183,7 +183,7 @@ def _optimum(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
 
 
 def _ours(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
-    from splitllm.client import SplitClient
+    from splitllm import SplitClient
 
     loop = asyncio.new_event_loop()
     server = spec.get("server")
@@ -208,7 +208,7 @@ def _ours(spec: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this (fresh) process; returns its figures and memory."""
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle
 
     bundle = Bundle.open(spec["bundle"], verify=False)
     prompt_ids = bundle.text.encode_chat([{"role": "user", "content": PROMPT}])
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle
     from splitllm_export.sources import BUILTIN
 
     print(machine_header(), flush=True)

@@ -26,8 +26,7 @@ from typing import Any
 
 from _baselines import PROMPT, REPO, machine_header, machine_info, ort_genai_export
 
-from splitllm.client import SplitClient
-from splitllm.model.bundle import Bundle
+from splitllm import Bundle, SplitClient
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from splitllm import Placement
-from splitllm.client import SplitClient
-from splitllm.model.bundle import Bundle
+from splitllm import Bundle, Placement, SplitClient
 from splitllm.testing.netem import ShapedLink
 from splitllm.testing.server import spawn, stop
 

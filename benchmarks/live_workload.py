@@ -41,12 +41,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from splitllm import Placement
+from splitllm import Bundle, Placement, Profile, load_or_measure
 from splitllm.errors import ServerUnavailable, SplitLLMError
-from splitllm.model.bundle import Bundle
 from splitllm.planner import latency_ms, server_work
 from splitllm.planner.costs import build_problem
-from splitllm.planner.profile import Profile, load_or_measure
 from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
 from splitllm.testing.server import spawn
 

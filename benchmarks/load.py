@@ -38,10 +38,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from splitllm.client import SplitClient
+from splitllm import Bundle, SplitClient, load_or_measure
 from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import Bundle
-from splitllm.planner.profile import load_or_measure
 from splitllm.testing import PhantomDevice
 from splitllm.testing.server import spawn, stop
 

@@ -39,10 +39,9 @@ import onnx
 import onnxruntime as ort
 from _baselines import PROMPT, REPO, machine_header, machine_info
 
-from splitllm.client import SplitClient
+from splitllm import Bundle, SplitClient
 from splitllm.device import LocalDevice
 from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 

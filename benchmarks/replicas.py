@@ -43,9 +43,8 @@ from pathlib import Path
 
 import aiohttp
 
-from splitllm.client import SplitClient
+from splitllm import Bundle, SplitClient
 from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import Bundle
 from splitllm.testing.server import spawn, stop
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ def _status_mb(key: str) -> float:
 def worker(spec: dict) -> dict:
     import numpy as np
 
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle
     from splitllm.model.runtime import KVCache, RuntimeOptions
     from splitllm_server.engine import Engine
 

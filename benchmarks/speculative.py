@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from splitllm.client import SplitClient
-from splitllm.model.bundle import Bundle
+from splitllm import Bundle, SplitClient
 from splitllm.testing import ShapedLink, spawn_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]

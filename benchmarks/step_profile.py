@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from _baselines import REPO, machine_header
 
-from splitllm.model.bundle import Bundle
+from splitllm import Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"

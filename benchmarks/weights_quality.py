@@ -37,8 +37,8 @@ from _baselines import REPO, dir_size_bytes, machine_header, machine_info, ort_g
 from _quality import Scores, kl_stats, score_logits
 from _texts import add_texts_arguments, chosen_texts, text_tokens
 
+from splitllm import Bundle
 from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
 DEFAULT_BUNDLE = REPO / "bundles" / "smollm2-variants"

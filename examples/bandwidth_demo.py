@@ -8,9 +8,9 @@ Starts a local ``splitllm-server`` (unless ``--server``), puts a
 :class:`~splitllm.testing.netem.ShapedLink` in front of it and runs one client that follows the server's
 DP policy (``client.plan(...)``). At each step the link's rate (both directions) is set, and the
 client generates ``--per-step`` replies of ``--tokens`` tokens; each reply prints the set and
-measured uplink, the placement it ran with, tokens/s and the share of decoder layers kept off
-the server. ``--plot out.png`` draws bandwidth, layers on the device and tokens/s over time
-(needs matplotlib).
+measured uplink, the placement it ran with, the time to the first token, the decode speed after
+it and the share of decoder layers kept off the server. ``--plot out.png`` draws bandwidth,
+layers on the device and decode tokens/s over time (needs matplotlib).
 
 The device assumption is explicit: the client is an emulated device ``--device-factor`` times
 slower than one core of this machine (:class:`~splitllm.testing.netem.SlowDevice`: it plans with this
@@ -22,7 +22,8 @@ Two SDK behaviours the printout shows: the client measures its uplink only from 
 8 KB or more, which an all-local or decode-only client never sends, so the demo probes the link
 (``client.remote.probe()``) before each reply (``--no-probe`` to watch without); and KV moves
 with the layers whenever the prefill and decode placements differ, which on a slow link costs
-seconds (the "link MB" column counts all bytes of the reply, KV included; the time is in its tokens/s).
+seconds (the "link MB" column counts all bytes of the reply, KV included; the time is in its decode
+tokens/s).
 """
 
 from __future__ import annotations
@@ -36,12 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from splitllm import Placement
-from splitllm.errors import ConfigError, SplitLLMError
-from splitllm.model.bundle import Bundle
-from splitllm.planner.profile import load_or_measure
-from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
-from splitllm.testing.server import spawn
+from splitllm import Bundle, Placement, SplitLLMError, errors, load_or_measure
+from splitllm.testing import ShapedLink, SlowDevice, scaled_profile, spawn_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Explain in two sentences why the sky is blue.", "Write a haiku about a quiet harbour.",
@@ -60,7 +57,7 @@ class Row:
     measured_bps: float | None  # the client's uplink estimate when the reply started
     prefill: tuple[str, ...]
     decode: tuple[str, ...]
-    tokens_per_s: float
+    decode_tokens_per_s: float  # after the first token (KV moves included)
     ttft_ms: float
     link_bytes: int
 
@@ -83,7 +80,7 @@ async def run(args: argparse.Namespace, url: str) -> list[Row]:
     base = load_or_measure(bundle, threads=CLIENT_THREADS)
     target = urlsplit(url)
     if target.hostname is None or target.port is None:
-        raise ConfigError(f"--server must look like http://HOST:PORT, got {url!r}")
+        raise errors.ConfigError(f"--server must look like http://HOST:PORT, got {url!r}")
     steps = args.steps
     rows: list[Row] = []
     async with ShapedLink(target.hostname, target.port, uplink_bps=steps[0], downlink_bps=steps[0],
@@ -96,7 +93,7 @@ async def run(args: argparse.Namespace, url: str) -> list[Row]:
             print(f"device x{args.device_factor:g} (decode all-local planned {args.device_factor * sum(base.decode_ms):.0f}"
                   f" ms/token), SLA {args.token_ms:g} ms/token and {args.ttft_ms:g} ms to the first token, "
                   f"RTT {args.rtt_ms:g} ms; {bundle.num_layers} decoder layers\n")
-            print(f"{'t s':>6} {'set Mbit/s':>10} {'measured':>9} {'tok/s':>6} {'TTFT ms':>8} {'link MB':>7} "
+            print(f"{'t s':>6} {'set Mbit/s':>10} {'measured':>9} {'TTFT ms':>8} {'decode tok/s':>12} {'link MB':>7} "
                   f"{'layers here':>11} {'off server':>10}  placement prefill | decode")
             started = time.perf_counter()
             n = 0
@@ -115,12 +112,12 @@ async def run(args: argparse.Namespace, url: str) -> list[Row]:
                     n += 1
                     stats = client.last_stats
                     row = Row(t0, time.perf_counter() - started, bps, estimate, prefill,
-                              client.placement.sides, stats.tokens_per_s, stats.first_token_s * 1e3,
+                              client.placement.sides, stats.decode_tokens_per_s, stats.ttft_ms,
                               link.counters.bytes_up + link.counters.bytes_down - kv_before)
                     rows.append(row)
                     measured = "-" if row.measured_bps is None else f"{row.measured_bps / 1e6:.3g}"
-                    print(f"{row.ended_s:>6.1f} {bps / 1e6:>10g} {measured:>9} {row.tokens_per_s:>6.1f} "
-                          f"{row.ttft_ms:>8.0f} {row.link_bytes / 1e6:>7.2f} {row.layers_here:>5}/{bundle.num_layers:<5} "
+                    print(f"{row.ended_s:>6.1f} {bps / 1e6:>10g} {measured:>9} {row.ttft_ms:>8.0f} "
+                          f"{row.decode_tokens_per_s:>12.1f} {row.link_bytes / 1e6:>7.2f} {row.layers_here:>5}/{bundle.num_layers:<5} "
                           f"{100 * row.off_server_share:>9.0f}%  {describe(row.prefill)} | {describe(row.decode)}",
                           flush=True)
     return rows
@@ -149,8 +146,8 @@ def plot(rows: list[Row], path: Path, num_layers: int) -> None:
     ax_layers.set_ylim(-1, num_layers + 1)
     ax_layers.set_ylabel(f"layers on device\n(of {num_layers})")
     ax_layers.legend(loc="lower left", fontsize=8)
-    ax_tps.plot(xs, [r.tokens_per_s for r in rows for _ in (0, 1)], color="tab:red")
-    ax_tps.set_ylabel("tokens/s\n(incl. prefill, KV moves)")
+    ax_tps.plot(xs, [r.decode_tokens_per_s for r in rows for _ in (0, 1)], color="tab:red")
+    ax_tps.set_ylabel("decode tokens/s\n(incl. KV moves)")
     ax_tps.set_xlabel("seconds")
     fig.suptitle("SplitLLM: placement following the measured bandwidth")
     fig.tight_layout()
@@ -183,7 +180,7 @@ def main() -> int:
     proc = None
     try:
         if args.server is None:
-            proc, url = spawn(Path(args.bundle), ["--segment-cache", "16"])
+            proc, url = spawn_server(Path(args.bundle), ["--segment-cache", "16"])
         else:
             url = args.server
         rows = asyncio.run(run(args, url))
@@ -192,8 +189,7 @@ def main() -> int:
         return 1
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
     if args.plot is not None:
         plot(rows, args.plot, Bundle.open(args.bundle).num_layers)
     return 0

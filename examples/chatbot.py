@@ -4,8 +4,9 @@
     python examples/chatbot.py --server http://HOST:8765 --bundle bundles/smollm2
     python examples/chatbot.py --once "Hi!" --once "And then?"   # scripted turns, then exit
 
-Streams tokens as they come and, after each reply, shows where the layers ran, tokens/s, the
-share of the work kept off the server, the codec, and the measured RTT and uplink. Commands:
+Streams tokens as they come and, after each reply, shows the time to its first token (prompt
+and any loading included) and the decode speed after it, where the layers ran, the share of the
+work kept off the server, the codec, and the measured RTT and uplink. Commands:
 /split K, /codec NAME, /reset, /quit. With --sla-token-ms the planner picks the split.
 `make demo` runs this with two scripted turns against a local server on the built-in model.
 """
@@ -15,27 +16,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from splitllm.cli.chat_ui import run_chat
-from splitllm.client import SplitClient
-from splitllm.errors import SplitLLMError
-from splitllm.model.bundle import MANIFEST
-from splitllm.testing.server import spawn
+from splitllm import Bundle, SplitClient, SplitLLMError, errors, run_chat
+from splitllm.testing import spawn_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def ensure_bundle(path: Path, model: str = "smollm2") -> None:
-    """Export the built-in ``model`` to ``path`` unless a bundle is already there."""
-    if (path / MANIFEST).is_file():
+    """Export the built-in ``model`` to ``path`` (the ``splitllm-export`` command) unless a bundle
+    is already there."""
+    try:
+        Bundle.open(path, verify=False)
         return
+    except errors.BundleNotFound:
+        pass
     print(f"exporting the built-in {model} to {path} (once: a minute for SmolLM2, a few for the others) ...",
           flush=True)
-    from splitllm_export.cli import main as export_main
-
-    if export_main(["--builtin", model, "-o", str(path), "--force"]) != 0:
+    export = [sys.executable, "-m", "splitllm_export.cli", "--builtin", model, "-o", str(path), "--force"]
+    if subprocess.run(export, check=False).returncode != 0:
         raise SystemExit("export failed")
 
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             ensure_bundle(Path(args.bundle), args.model)
             print("starting a local splitllm-server ...", flush=True)
-            proc, url = spawn(Path(args.bundle))
+            proc, url = spawn_server(Path(args.bundle))
             print(f"server at {url}", flush=True)
         return asyncio.run(chat(args, url))
     except SplitLLMError as exc:
@@ -84,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
 
 
 if __name__ == "__main__":

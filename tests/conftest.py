@@ -171,7 +171,7 @@ async def start_gateway():
     OpenAI gateway on a free loopback port (split 1, fp32 codec unless given; stopped after the test)."""
     from aiohttp import web
 
-    from splitllm_server.gateway import create_gateway_app
+    from splitllm_gateway.app import create_gateway_app
 
     runners: list[web.AppRunner] = []
 

@@ -213,7 +213,7 @@ async def test_pipelined_requests_come_back_in_order_and_an_error_waits_for_the_
     """Remote.request_many (what a KV move uses): every frame goes out before the first reply."""
     from splitllm.errors import ServerUnavailable, SplitLLMError
     from splitllm.protocol import wire
-    from splitllm.protocol.connection import Remote
+    from splitllm.transport import Remote
 
     path, _ = tiny_export("llama", layers=3)
     bundle = Bundle.open(path)

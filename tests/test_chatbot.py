@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from splitllm import GenerationStats
+from splitllm.cli.chat_ui import speed_summary
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -35,8 +40,8 @@ def test_interactive_chat_in_a_terminal(server_url):
         child.expect("you> ")
         child.sendline("Hello there")
         child.expect("bot> ")
-        child.expect(r"\[\d+ tokens, [\d.]+ tok/s, layers 0-1 here, the rest on the server")
-        child.expect(r"of the work kept off the server, codec int8-block64, rtt [\d.]+ ms")
+        child.expect(r"\[\d+ tokens?, first in \d+ ms(, then [\d.]+ tok/s)?, layers 0-1 here, the rest on the server")
+        child.expect(r"of the work kept off the server, codec int8-block64, (\d[^\]]* kept\), )?rtt [\d.]+ ms")  # speculation adds its figures when it pays
         child.expect("you> ")
         child.sendline("/split 1")
         child.expect(r"\(split 1: layers 0-0 run here\)")
@@ -62,9 +67,35 @@ def test_scripted_turns_and_the_cli_chat(server_url):
                         "--max-new-tokens", "6", "--once", "Hi", "--once", "Again"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("bot> ") == 2 and r.stdout.count("tok/s") == 2
+    assert r.stdout.count("bot> ") == 2
+    summaries = re.findall(r"\[(\d+) tokens?, first in \d+ ms(, then [\d.]+ tok/s)?, ", r.stdout)
+    assert len(summaries) == 2 and all(bool(then) == (int(n) > 1) for n, then in summaries), r.stdout
     r = subprocess.run([sys.executable, "-m", "splitllm.cli", "chat", "--bundle", str(path), "--server", url,
                         "--split", "1", "--max-new-tokens", "4", "--once", "Hi"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "bot> " in r.stdout and "layers 0 here" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "splitllm.cli", "generate", "--bundle", str(path), "--server", url,
+                        "--max-new-tokens", "5", "--speculate", "2", "--drafter", "model", "--json", "Hi"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["ttft_ms"] == pytest.approx(got["first_token_s"] * 1e3, abs=0.1)
+    assert (got["decode_tokens_per_s"] > 0) == (got["new_tokens"] > 1)
+    assert (got["draft_load_s"] > 0) == (got["drafted"] > 0)  # a fresh client's first draft loads the model
+    assert got["new_tokens"] == 1 or got["drafted"] > 0
+
+
+def test_speed_is_shown_as_the_first_token_wait_and_the_decode_rate_after_it():
+    """A first reply that waits 3 s (prompt, loading, warm-up) for its first token, then decodes 7
+    more in 0.7 s: 10 tok/s decoding, not the 2 tok/s that all tokens over all the time would say."""
+    stats = GenerationStats(new_tokens=8, seconds=3.7, first_token_s=3.0)
+    assert stats.ttft_ms == pytest.approx(3000.0)
+    assert stats.decode_tokens_per_s == pytest.approx(10.0)
+    assert stats.tokens_per_s == pytest.approx(8 / 3.7)
+    assert speed_summary(stats) == "8 tokens, first in 3000 ms, then 10.0 tok/s"
+    one = GenerationStats(new_tokens=1, seconds=0.5, first_token_s=0.5)
+    assert one.decode_tokens_per_s == 0.0 and speed_summary(one) == "1 token, first in 500 ms"
+    loading = GenerationStats(new_tokens=8, seconds=8.2, first_token_s=3.0, draft_load_s=4.5)
+    assert loading.decode_tokens_per_s == pytest.approx(10.0)
+    assert speed_summary(loading) == "8 tokens, first in 3000 ms, then 10.0 tok/s (and 4.5 s loading the draft model, once)"

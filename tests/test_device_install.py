@@ -125,7 +125,7 @@ async def test_the_device_path_imports_and_runs_without_the_export_and_server_st
     assert got["already"] == [], "loaded before the blocker was installed"
     assert {"splitllm.client", "splitllm.cli", "splitllm.cli.chat_ui", "splitllm.planner.kernel",
             "splitllm.planner.milp", "splitllm.codec.registry", "splitllm.protocol.wire",
-            "splitllm.protocol.connection", "splitllm.model.runtime", "splitllm.model.text"} <= set(got["modules"])
+            "splitllm.transport", "splitllm.model.runtime", "splitllm.model.text"} <= set(got["modules"])
     assert got["import_requests"] == [], "importing the SDK asked for packages a device does not have"
     never = [r for r in got["requests"] if r[0].partition(".")[0] in NEVER]
     assert never == []

@@ -32,7 +32,8 @@ def test_public_surface_is_pinned():
     assert sorted(splitllm.__all__) == sorted([
         "Bundle", "ChatSession", "GenerationStats", "Placement", "Plan", "Policy", "Problem", "Profile",
         "RuntimeOptions", "SamplingParams", "SplitClient", "SplitLLMError", "TokenPiece", "__version__",
-        "codec_names", "decode", "encode", "errors", "get_codec", "make_policy", "solve",
+        "codec_names", "decode", "encode", "errors", "get_codec", "load_or_measure", "make_policy", "run_chat",
+        "solve",
     ])
     for name in splitllm.__all__:
         assert hasattr(splitllm, name), name
@@ -69,7 +70,7 @@ def test_sdk_import_does_not_pull_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, splitllm, splitllm_server.gateway, splitllm.cli\n"
+    code = ("import sys, splitllm, splitllm_gateway.cli, splitllm.cli\n"
             "print([m for m in ('torch', 'transformers', 'onnx', 'optimum', 'scipy') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

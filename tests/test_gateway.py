@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from splitllm.client import SplitClient
-from splitllm_server.gateway import build_parser, create_gateway_app
+from splitllm_gateway.app import create_gateway_app
+from splitllm_gateway.cli import build_parser
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about robots."}]
 SPLIT = 1

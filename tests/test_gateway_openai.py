@@ -13,7 +13,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
-from splitllm_server.gateway import _GATEWAY
+from splitllm_gateway.app import _GATEWAY
 
 MESSAGES = [{"role": "user", "content": "Tell me about robots."}]
 PROMPT = "Once upon a time"

@@ -1,5 +1,6 @@
-"""The import graph of our three packages, read from their source with ``ast``: no cycles, and the
-SDK never imports the server or the exporter.
+"""The import graph of our packages, read from their source with ``ast``: no cycles, the SDK never
+imports the server, the gateway or the exporter, and the SDK's users in this repository (the
+examples, the gateway) come in through its public door only.
 
 Why our own walk rather than importing: a cycle that happens to work today (because a name is
 looked up late) breaks as soon as someone moves an import, and an import inside a function is
@@ -16,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = (REPO / "sdk", REPO / "exporter", REPO / "server_stub")
+OURS = ("splitllm", "splitllm_export", "splitllm_server", "splitllm_gateway")
 
 
 def module_files(roots: Iterable[Path]) -> dict[str, Path]:
@@ -173,3 +175,100 @@ def test_dependencies_point_from_the_exporter_and_the_server_to_the_sdk_only():
 def test_no_import_cycles_among_sdk_exporter_and_server():
     found = cycles(import_graph(ROOTS))
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def imported(path: Path) -> list[tuple[str, str | None]]:
+    """``(module, name)`` for every import of ``path`` (functions included, not TYPE_CHECKING):
+    ``import a.b`` is ``("a.b", None)``, ``from a import b, c`` is ``("a", "b"), ("a", "c")``, and
+    a relative import keeps its dots (``from .x import y`` is ``(".x", "y")``)."""
+    found: list[tuple[str, str | None]] = []
+    for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        else:
+            module = "." * node.level + (node.module or "")
+            found += [(module, alias.name) for alias in node.names]
+    return found
+
+
+def door_breaches(paths: Iterable[Path], public_modules: tuple[str, ...], own: str | None = None) -> list[str]:
+    """Imports of our packages that do not go through ``splitllm``'s public names.
+
+    Allowed: ``import splitllm``, ``from splitllm import NAME`` with NAME in ``splitllm.__all__``,
+    the modules ``public_modules`` and below, and the importer's ``own`` package (relative imports
+    included). Anything else of ours (a private ``splitllm.<module>``, the server, the exporter)
+    is a breach, named as ``file: import statement``.
+    """
+    import splitllm
+
+    public_names = set(splitllm.__all__)
+    breaches = []
+    for path in paths:
+        for module, name in imported(path):
+            full = module if name is None else f"{module}.{name}"
+            if module.startswith(".") or module.partition(".")[0] not in OURS:
+                continue
+            if own is not None and (module == own or module.startswith(f"{own}.")):
+                continue
+            if module == "splitllm" and (name is None or name in public_names):
+                continue
+            if any(target == door or target.startswith(f"{door}.") for target in (module, full)
+                   for door in public_modules):
+                continue
+            breaches.append(f"{path.name}: " + (f"import {module}" if name is None else f"from {module} import {name}"))
+    return breaches
+
+
+EXAMPLE_DOORS = ("splitllm.testing",)
+GATEWAY_DOORS = ("splitllm.errors",)
+
+
+def test_the_door_check_finds_private_imports_wherever_they_are(tmp_path):
+    """The checker on a made-up file, so the two tests below can be trusted to fail."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import json\n"
+        "import splitllm\n"
+        "import splitllm.testing.netem\n"
+        "from splitllm import SplitClient, errors, testing\n"
+        "from splitllm import codec\n"  # a submodule, not a public name
+        "from splitllm.client import SplitClient as C\n"
+        "from splitllm.errors import ConfigError\n"
+        "from splitllm_server.metrics import Counter\n"
+        "from .util import helper\n"
+        "def later():\n    import splitllm.stream\n"
+    )
+    assert door_breaches([script], EXAMPLE_DOORS) == [
+        "app.py: from splitllm import codec",
+        "app.py: from splitllm.client import SplitClient",
+        "app.py: from splitllm.errors import ConfigError",
+        "app.py: from splitllm_server.metrics import Counter",
+        "app.py: import splitllm.stream",
+    ]
+    assert door_breaches([script], GATEWAY_DOORS) == [
+        "app.py: import splitllm.testing.netem",
+        "app.py: from splitllm import testing",
+        "app.py: from splitllm import codec",
+        "app.py: from splitllm.client import SplitClient",
+        "app.py: from splitllm_server.metrics import Counter",
+        "app.py: import splitllm.stream",
+    ]
+
+
+def test_examples_import_only_the_public_sdk_and_its_test_tools():
+    """What a user copies from examples/ must keep working across releases: ``splitllm``'s public
+    names and ``splitllm.testing`` (the emulated link and device, a server subprocess) only."""
+    examples = sorted((REPO / "examples").glob("*.py"))
+    assert len(examples) >= 2
+    assert door_breaches(examples, EXAMPLE_DOORS) == []
+
+
+def test_the_gateway_is_an_sdk_app_on_public_names_only():
+    """splitllm_gateway imports ``splitllm``'s public names and ``splitllm.errors``, never the
+    server, the exporter or an SDK internal (plus aiohttp and prometheus_client)."""
+    modules = sorted((REPO / "server_stub" / "splitllm_gateway").rglob("*.py"))
+    assert len(modules) >= 5
+    assert door_breaches(modules, GATEWAY_DOORS, own="splitllm_gateway") == []
+    graph = import_graph(ROOTS)
+    assert {dst.partition(".")[0] for src, targets in graph.items() if src.startswith("splitllm_gateway")
+            for dst in targets} == {"splitllm", "splitllm_gateway"}

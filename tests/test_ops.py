@@ -236,7 +236,7 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
 def test_every_cli_has_version_and_the_server_help_shows_every_default():
     from splitllm import __version__
 
-    for module in ("splitllm.cli", "splitllm_server.cli", "splitllm_server.gateway", "splitllm_export.cli"):
+    for module in ("splitllm.cli", "splitllm_server.cli", "splitllm_gateway", "splitllm_export.cli"):
         r = _run("-m", module, "--version")
         assert r.returncode == 0 and __version__ in r.stdout, (module, r.stderr)
     from splitllm_server.cli import build_parser

@@ -38,7 +38,7 @@ def _check_export_line(argv: list[str], bundle: Path) -> None:
     """The README's export command, read by the exporter's own parser, asks for what the
     ``smollm2_bundle`` fixture holds: the built-in model, validated at every split, written to
     ``bundles/smollm2``. Running it again would repeat the fixture's minute of export and validation."""
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle
     from splitllm_export.cli import build_parser
     from splitllm_export.sources import BUILTIN
 

@@ -7,8 +7,8 @@ import time
 from splitllm.planner import Policy, PolicyRange
 from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile
-from splitllm.protocol.connection import Remote
 from splitllm.protocol.plan import DEFAULT_UPLINK_BPS, PlanRequest
+from splitllm.transport import Remote
 
 __all__ = ["UP_MARGIN", "PolicyFollower"]
 

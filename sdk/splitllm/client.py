@@ -8,7 +8,7 @@ A *placement* says, for every unit (0 = embeddings, 1..L = decoder layers, L+1 =
 it runs on the client or the server. Split k is the placement "units [0, k] here, the rest
 there". The client is the API; one :class:`~splitllm.conversation.Conversation` holds the state
 across both sides (tokens, caches, placement, failover), a :class:`~splitllm.device.LocalDevice`
-runs the local ranges, and a :class:`~splitllm.protocol.connection.Remote` talks to the server.
+runs the local ranges, and a :class:`~splitllm.transport.Remote` talks to the server.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from splitllm.placement import SERVER, Placement
 from splitllm.planner import Policy
 from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile, load_or_measure
-from splitllm.protocol.connection import LinkStats, Remote
 from splitllm.protocol.plan import DEFAULT_CODEC
 from splitllm.speculate import GammaController, ModelDrafter, NgramDrafter, parse_speculate
 from splitllm.stream import GenerationStats, StopText, TokenPiece
+from splitllm.transport import LinkStats, Remote
 
 __all__ = ["ChatSession", "GenerationStats", "Placement", "SplitClient", "TokenPiece"]
 
@@ -116,6 +116,7 @@ class SplitClient:
         self.draft_weights = self.bundle.check_variant(draft_weights or smallest)
         self._ngram = NgramDrafter(min_n=3 if drafter == "auto" else 2)
         self._model_drafter: ModelDrafter | None = None
+        self._draft_load_s = 0.0  # loading the draft model, not yet charged to a generation's stats
         self.profile: Profile | None = None  # this device's unit timings, measured by plan()
         self.follower: PolicyFollower | None = None  # adaptive mode, after plan()
         self.last_stats = GenerationStats()
@@ -380,6 +381,7 @@ class SplitClient:
         if gamma > 0:
             context = [*conv.tokens, last]
             drafts = await self.device.call(self._draft, context, gamma)
+            stats.draft_load_s, self._draft_load_s = stats.draft_load_s + self._draft_load_s, 0.0
         drafted = time.perf_counter()
         if drafts:
             new = await conv.verify(last, drafts)
@@ -406,7 +408,9 @@ class SplitClient:
             if drafts or self.drafter == "ngram":
                 return drafts
         if self._model_drafter is None:
+            began = time.perf_counter()
             self._model_drafter = ModelDrafter(self.bundle, self.draft_weights, self.options)
+            self._draft_load_s = time.perf_counter() - began
         drafts = self._model_drafter.propose(context, gamma)
         return drafts
 

@@ -31,8 +31,8 @@ from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache
 from splitllm.model.sampling import SamplingParams, sample
 from splitllm.placement import CLIENT, SERVER, Placement
-from splitllm.protocol.connection import Remote
 from splitllm.stream import common_prefix
+from splitllm.transport import Remote
 
 __all__ = ["Conversation", "backoff_delays"]
 

@@ -31,11 +31,22 @@ class TokenPiece:
 
 @dataclass
 class GenerationStats:
+    """What one generation did and how long it took (``SplitClient.last_stats``).
+
+    Two figures describe its speed, because they measure different things: :attr:`ttft_ms`, the
+    wait for the first token (the prompt's pass, plus whatever a first request pays: connecting,
+    loading the local layers, warming up ONNX Runtime), and :attr:`decode_tokens_per_s`, the
+    rate of the tokens after it. :attr:`tokens_per_s` mixes both (all tokens over all the time),
+    so a short first reply looks slow by it; displays show the two figures instead. Loading the
+    speculative draft model, which happens once per client at its first draft (after a first
+    token), is :attr:`draft_load_s` and not decoding either.
+    """
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_tokens: int = 0
-    seconds: float = 0.0
-    first_token_s: float = 0.0
+    seconds: float = 0.0  # the request to its last token, prompt included
+    first_token_s: float = 0.0  # the request to its first token
     stop_reason: str = ""
     split: int | None = None
     codec: str = ""
@@ -44,10 +55,28 @@ class GenerationStats:
     steps: int = 0  # passes through the model (round trips when a server takes part), prompt included
     drafted: int = 0  # speculative drafts sent for verification
     accepted: int = 0  # drafts the model agreed with
+    draft_load_s: float = 0.0  # loading the draft model during this generation (its client's first draft)
 
     @property
     def tokens_per_s(self) -> float:
+        """All new tokens over the whole request, prompt and first-request costs included."""
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ttft_ms(self) -> float:
+        """Milliseconds from the request to its first token."""
+        return self.first_token_s * 1e3
+
+    @property
+    def decode_seconds(self) -> float:
+        """Seconds from the first token to the last, less loading the draft model."""
+        return max(self.seconds - self.first_token_s - self.draft_load_s, 0.0)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time after the first (0.0 with fewer than two tokens)."""
+        decoded = self.new_tokens - 1
+        return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
 
     @property
     def tokens_per_step(self) -> float:

@@ -101,6 +101,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _generate(args: argparse.Namespace) -> int:
+    from splitllm.cli.chat_ui import speed_summary
+
     async with _make_client(args) as client:
         pieces = []
         stream = (client.generate_ids(client.text.encode_plain(args.prompt), **_sampling(args)) if args.raw
@@ -114,6 +116,8 @@ async def _generate(args: argparse.Namespace) -> int:
             print(json.dumps({
                 "text": "".join(pieces), "new_ids": stats.new_ids, "split": stats.split,
                 "codec": stats.codec, "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                "ttft_ms": round(stats.ttft_ms, 1), "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+                "draft_load_s": round(stats.draft_load_s, 3),
                 "tokens_per_s": round(stats.tokens_per_s, 2), "first_token_s": round(stats.first_token_s, 4),
                 "stop_reason": stats.stop_reason, "steps": stats.steps, "drafted": stats.drafted,
                 "accepted": stats.accepted,
@@ -122,8 +126,7 @@ async def _generate(args: argparse.Namespace) -> int:
             where = "local" if client.local else f"split {stats.split}"
             spec = (f", {stats.tokens_per_step:.1f} tokens per round trip, {stats.acceptance:.0%} of drafts kept"
                     if stats.drafted else "")
-            print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {where}, {stats.codec}{spec}]",
-                  file=sys.stderr)
+            print(f"\n[{speed_summary(stats)}, {where}, {stats.codec}{spec}]", file=sys.stderr)
     return 0
 
 

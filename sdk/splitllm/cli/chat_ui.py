@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from splitllm import codec as codecs
-from splitllm.client import SplitClient
+from splitllm.client import GenerationStats, SplitClient
 from splitllm.errors import ConfigError, SplitLLMError
 
 HELP = "commands: /split K  /codec NAME  /reset  /quit"
@@ -48,10 +48,22 @@ def offload_share(client: SplitClient) -> float:
     return here / sum(flops)
 
 
+def speed_summary(stats: GenerationStats) -> str:
+    """'24 tokens, first in 812 ms, then 11.3 tok/s': the wait for the first token (prompt and
+    any first-request loading) apart from the decode speed after it, which a single tokens/s
+    figure would mix; the draft model's one-time loading, when this reply paid it, apart too."""
+    text = f"{stats.new_tokens} token{'s' if stats.new_tokens != 1 else ''}, first in {stats.ttft_ms:.0f} ms"
+    if stats.new_tokens > 1:
+        text += f", then {stats.decode_tokens_per_s:.1f} tok/s"
+    if stats.draft_load_s >= 0.05:
+        text += f" (and {stats.draft_load_s:.1f} s loading the draft model, once)"
+    return text
+
+
 def status_line(client: SplitClient) -> str:
     """Placement, link and speed after a reply, in one line."""
     stats = client.last_stats
-    parts = [f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.1f} tok/s", describe_placement(client.placement.sides),
+    parts = [speed_summary(stats), describe_placement(client.placement.sides),
              f"{offload_share(client):.0%} of the work kept off the server", f"codec {client.codec}"]
     if stats.drafted:
         parts.append(f"{stats.tokens_per_step:.1f} tokens per round trip ({stats.acceptance:.0%} of drafts kept)")

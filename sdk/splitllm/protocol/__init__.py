@@ -1,4 +1,4 @@
-"""What crosses the network between a device and a server: every WebSocket message (``wire``),
-the typed /v1/plan request and answer (``plan``), and the client's end of a session
-(``connection``: typed requests, pipelining, link measurement). Both sides import ``wire`` and
-``plan``; the server never imports ``connection``."""
+"""What crosses the network between a device and a server, shared by both sides: every WebSocket
+message (``wire``), the typed /v1/plan request and answer (``plan``) and the Run payload
+(``payload``). The client's end of a session (typed requests, pipelining, link measurement) is
+``splitllm.transport``, which the server never imports."""

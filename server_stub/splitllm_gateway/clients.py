@@ -7,20 +7,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
 
-from splitllm import errors
-from splitllm.model.bundle import Bundle
-from splitllm.stream import common_prefix
-from splitllm_server.gateway_api import GatewayMetrics, GenRequest, RequestError
+from splitllm import Bundle, GenerationStats, SplitClient, errors
+from splitllm_gateway.api import GenRequest, RequestError
+from splitllm_gateway.metrics import GatewayMetrics
 
-if TYPE_CHECKING:  # the client pulls in onnxruntime
-    from splitllm.client import GenerationStats, SplitClient
-
-log = logging.getLogger("splitllm_server.gateway")
+log = logging.getLogger("splitllm_gateway")
 
 DEFAULT_QUEUE_TIMEOUT_S = 30.0
 DEFAULT_KEEPALIVE_S = 10.0
@@ -34,7 +30,9 @@ class Slot:
 
     def shared_prefix(self, ids: list[int]) -> int:
         """How many leading positions of ``ids`` this slot's client already holds the KV of."""
-        return common_prefix(self.client.tokens, ids) if self.client is not None else 0
+        if self.client is None:
+            return 0
+        return len(os.path.commonprefix([self.client.tokens, ids]))  # element-wise on any sequences
 
 
 class Gateway:
@@ -80,8 +78,6 @@ class Gateway:
     async def client(self, slot: Slot) -> SplitClient:
         """The slot's connected client (hold the slot); raises ServerUnavailable if unreachable."""
         if slot.client is None:
-            from splitllm.client import SplitClient
-
             # A gateway answers 503 rather than quietly running the whole model itself, and it
             # gives a lost server only a short grace period before saying so.
             client = SplitClient(self.bundle, self.server_url, token=self.token, split=self.split,

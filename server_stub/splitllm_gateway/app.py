@@ -3,7 +3,8 @@
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions`` (streaming or not) run through :class:`~splitllm.client.SplitClient` s:
 the first layers in this process, the rest on the split server; ``GET /metrics`` and
-``GET /healthz`` are the gateway's own. Usage, options and limitations: docs/gateway.md.
+``GET /healthz`` are the gateway's own. Usage, options and limitations: docs/gateway.md; the
+command line: ``splitllm_gateway.cli``.
 
 Concurrency contract: a SplitClient holds **one** conversation's KV cache, so a gateway process
 owns ``concurrency`` clients (default 1) and a request holds one of them until its last token is
@@ -12,12 +13,11 @@ request is an independent conversation; it takes the idle client whose KV covers
 prefix of its prompt, so a conversation's next turn only runs its new tokens. A client connects
 on its first request and is rebuilt after its connection is lost. Errors have OpenAI's JSON
 shape: 400 bad request, 401 bad gateway API key, 429 no client free in time, 502 the split
-server failed, 503 it cannot be reached. Request fields and reply shapes: gateway_api.
+server failed, 503 it cannot be reached. Request fields and reply shapes: ``splitllm_gateway.api``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -26,18 +26,15 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from splitllm import codec as codecs
-from splitllm import errors
-from splitllm.model.bundle import Bundle
-from splitllm_server.gateway_api import (
+from splitllm import Bundle, GenerationStats, errors, get_codec
+from splitllm_gateway.api import (
     FINISH,
     GenRequest,
     RequestError,
@@ -48,16 +45,12 @@ from splitllm_server.gateway_api import (
     parse_completion,
     usage,
 )
-from splitllm_server.gateway_clients import DEFAULT_KEEPALIVE_S, DEFAULT_QUEUE_TIMEOUT_S, Gateway, generate
-from splitllm_server.logs import add_logging_args, configure
-from splitllm_server.metrics import CONTENT_TYPE, generate_latest
+from splitllm_gateway.clients import DEFAULT_KEEPALIVE_S, DEFAULT_QUEUE_TIMEOUT_S, Gateway, generate
+from splitllm_gateway.metrics import CONTENT_TYPE, generate_latest
 
-if TYPE_CHECKING:  # the client pulls in onnxruntime; `splitllm info` should not pay for it
-    from splitllm.client import GenerationStats
+__all__ = ["DEFAULT_CODEC", "create_gateway_app", "serve_gateway"]
 
-__all__ = ["build_parser", "create_gateway_app", "main", "serve_gateway"]
-
-log = logging.getLogger("splitllm_server.gateway")
+log = logging.getLogger("splitllm_gateway")
 
 DEFAULT_CODEC = "int8-block64"
 
@@ -253,7 +246,7 @@ def create_gateway_app(bundle_path: str | os.PathLike[str] | Bundle, server_url:
     bundle = bundle_path if isinstance(bundle_path, Bundle) else Bundle.open(bundle_path)
     if split is not None and not 0 <= split <= bundle.num_layers:
         raise errors.ConfigError(f"split must be in 0..{bundle.num_layers}, got {split}")
-    codecs.get_codec(codec)
+    get_codec(codec)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise errors.ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
     for name, value in (("queue_timeout_s", queue_timeout_s), ("keepalive_s", keepalive_s)):
@@ -296,63 +289,3 @@ async def serve_gateway(bundle_path: str | os.PathLike[str] | Bundle, server_url
         await stop.wait()
     finally:
         await runner.cleanup()
-
-
-def _cmd_serve_openai(args: argparse.Namespace) -> int:
-    api_key = args.api_key or os.environ.get("SPLITLLM_GATEWAY_API_KEY") or None
-    token = args.token or os.environ.get("SPLITLLM_TOKEN") or None
-    try:
-        asyncio.run(serve_gateway(args.bundle, args.server, host=args.host, port=args.port, token=token,
-                                  split=args.split, codec=args.codec, model_name=args.model_name,
-                                  api_key=api_key, concurrency=args.concurrency,
-                                  queue_timeout_s=args.queue_timeout, keepalive_s=args.keepalive))
-    except errors.SplitLLMError as exc:
-        print(f"splitllm-gateway: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"splitllm-gateway: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``splitllm-gateway`` command line."""
-    from splitllm import __version__
-
-    p = argparse.ArgumentParser(prog="splitllm-gateway",
-                                description="Serve an OpenAI-compatible API in front of a split server.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--bundle", required=True, help="bundle directory (the same one the server loaded)")
-    p.add_argument("--server", required=True, help="split server URL, e.g. http://127.0.0.1:8765")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
-    p.add_argument("--split", type=int, default=None, help="layers run here (default: a third of them)")
-    p.add_argument("--codec", default=DEFAULT_CODEC, help=f"activation codec (default {DEFAULT_CODEC})")
-    p.add_argument("--token", default=None, help="bearer token of the split server (or env SPLITLLM_TOKEN)")
-    p.add_argument("--api-key", default=None,
-                   help="require this key from callers (or env SPLITLLM_GATEWAY_API_KEY; default: none)")
-    p.add_argument("--model-name", default=None, help="model id reported to callers (default: the bundle's)")
-    p.add_argument("--concurrency", type=int, default=1,
-                   help="requests served at once, one SplitClient (server session, KV cache) each (default 1)")
-    p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
-                   help="seconds a request waits for a free client before a 429 with Retry-After "
-                        f"(default {DEFAULT_QUEUE_TIMEOUT_S:g})")
-    p.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_S,
-                   help="seconds between SSE keep-alive comments while a stream waits for its first token "
-                        f"(default {DEFAULT_KEEPALIVE_S:g})")
-    add_logging_args(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``splitllm-gateway``: exit code 0 on a clean stop, 1 on a configuration or listen error."""
-    args = build_parser().parse_args(argv)
-    configure(args.log_level, args.log_format)
-    try:
-        return _cmd_serve_openai(args)
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

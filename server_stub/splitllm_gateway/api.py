@@ -1,5 +1,5 @@
 """The OpenAI shapes of the gateway: request validation and the field policy, error mapping,
-reply and stream-chunk bodies, and the gateway's metrics.
+reply and stream-chunk bodies.
 
 Every field of a request is in one of three lists. **Handled** fields do what OpenAI documents.
 **Harmless** fields (``IGNORED_FIELDS``) are accepted and ignored because ignoring them cannot
@@ -14,24 +14,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from splitllm import errors
-from splitllm_server.metrics import (
-    LATENCY_BUCKETS_S,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-)
+from splitllm import GenerationStats, errors
 
-if TYPE_CHECKING:
-    from splitllm.client import GenerationStats
-
-log = logging.getLogger("splitllm_server.gateway")
+log = logging.getLogger("splitllm_gateway")
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -270,28 +258,3 @@ class Shape:
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self.head, "object": self.chunk_object, "choices": [], "usage": usage}
-
-
-class GatewayMetrics:
-    """The gateway's own /metrics (a registry per app)."""
-
-    def __init__(self, slots_busy: Callable[[], int]) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("splitllm_gateway_requests_total", "HTTP requests answered, by route and status.",
-                                ["route", "status"], registry=r)
-        self.request_seconds = Histogram("splitllm_gateway_request_seconds",
-                                         "Time to the response head (non-streaming: the whole reply).", ["route"],
-                                         buckets=LATENCY_BUCKETS_S, registry=r)
-        self.ttft_seconds = Histogram("splitllm_gateway_ttft_seconds",
-                                      "Request received to its first generated text.",
-                                      buckets=LATENCY_BUCKETS_S, registry=r)
-        self.slot_wait_seconds = Histogram("splitllm_gateway_slot_wait_seconds",
-                                           "Time a request waited for a free SplitClient.",
-                                           buckets=LATENCY_BUCKETS_S, registry=r)
-        self.prompt_tokens = Counter("splitllm_gateway_prompt_tokens_total", "Prompt tokens of finished requests.",
-                                     registry=r)
-        self.completion_tokens = Counter("splitllm_gateway_completion_tokens_total",
-                                         "Tokens generated for finished requests.", registry=r)
-        busy = Gauge("splitllm_gateway_slots_busy", "SplitClients serving a request now.", registry=r)
-        busy.set_function(slots_busy)
-        ProcessCollector(registry=r)

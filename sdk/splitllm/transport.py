@@ -1,5 +1,8 @@
 """The client's end of the WebSocket: connect, handshake, one request at a time, errors mapped.
 
+Client-only (the server never imports it), so it lives beside the client rather than in
+``splitllm.protocol``, which holds what both sides share (``wire``, ``plan``, ``payload``).
+
 A reader task receives every frame as it arrives and hands each reply to the request waiting
 for its ``seq``. Because a receive is always pending, aiohttp answers the server's heartbeat
 pings (and sees the answers to its own) while the client is idle between turns, so a user who
