@@ -33,7 +33,7 @@ from splitllm.planner import Policy
 from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile, load_or_measure
 from splitllm.protocol.plan import DEFAULT_CODEC
-from splitllm.speculate import GammaController, ModelDrafter, NgramDrafter, parse_speculate
+from splitllm.speculate import DraftModelLoader, GammaController, NgramDrafter, parse_speculate
 from splitllm.stream import GenerationStats, StopText, TokenPiece
 from splitllm.transport import LinkStats, Remote
 
@@ -115,8 +115,7 @@ class SplitClient:
         smallest = "int4" if "int4" in self.bundle.variants else self.weights
         self.draft_weights = self.bundle.check_variant(draft_weights or smallest)
         self._ngram = NgramDrafter(min_n=3 if drafter == "auto" else 2)
-        self._model_drafter: ModelDrafter | None = None
-        self._draft_load_s = 0.0  # loading the draft model, not yet charged to a generation's stats
+        self._draft_model = DraftModelLoader(self.bundle, self.draft_weights, self.options)
         self.profile: Profile | None = None  # this device's unit timings, measured by plan()
         self.follower: PolicyFollower | None = None  # adaptive mode, after plan()
         self.last_stats = GenerationStats()
@@ -194,6 +193,7 @@ class SplitClient:
     async def close(self) -> None:
         if self.remote is not None:
             await self.remote.close()
+        self._draft_model.close()
         self.device.close()
 
     # ------------------------------------------------------------------ placement
@@ -381,7 +381,7 @@ class SplitClient:
         if gamma > 0:
             context = [*conv.tokens, last]
             drafts = await self.device.call(self._draft, context, gamma)
-            stats.draft_load_s, self._draft_load_s = stats.draft_load_s + self._draft_load_s, 0.0
+            stats.draft_load_s, self._draft_model.waited_s = stats.draft_load_s + self._draft_model.waited_s, 0.0
         drafted = time.perf_counter()
         if drafts:
             new = await conv.verify(last, drafts)
@@ -394,25 +394,24 @@ class SplitClient:
         if controller is not None:
             verify_ms = max((time.perf_counter() - drafted) * 1e3 - rtt_ms, 0.0)
             draft_ms = (drafted - began) * 1e3
-            if drafts and self._model_drafter is not None and self._model_drafter.step_ms is not None:
+            step_ms = self._draft_model.step_ms
+            if drafts and step_ms is not None:
                 # What a draft costs in steady state: catching the draft model up on a new prompt
                 # is paid once, not per draft.
-                draft_ms = min(draft_ms, self._model_drafter.step_ms * len(drafts))
+                draft_ms = min(draft_ms, step_ms * len(drafts))
             controller.observe(len(drafts), len(new) - 1, draft_ms, verify_ms)
         return new
 
     def _draft(self, context: list[int], gamma: int) -> list[int]:
-        """Draft tokens (on the device thread): a long enough n-gram match first, else the model."""
+        """Draft tokens (on the device thread): a long enough n-gram match first, else the model
+        (none while adaptive speculation's model is still loading: see DraftModelLoader)."""
         if self.drafter in ("auto", "ngram"):
             drafts = self._ngram.propose(context, gamma)
             if drafts or self.drafter == "ngram":
                 return drafts
-        if self._model_drafter is None:
-            began = time.perf_counter()
-            self._model_drafter = ModelDrafter(self.bundle, self.draft_weights, self.options)
-            self._draft_load_s = time.perf_counter() - began
-        drafts = self._model_drafter.propose(context, gamma)
-        return drafts
+        fixed = self.speculation is not None and self.speculation.fixed is not None
+        model = self._draft_model.get(wait=fixed)
+        return [] if model is None else model.propose(context, gamma)
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,8 @@ from splitllm.errors import ConfigError
 from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import KVCache, RuntimeOptions, Segment
 
-__all__ = ["GammaController", "ModelDrafter", "NgramDrafter", "SpeculationStats", "parse_speculate"]
+__all__ = ["DraftModelLoader", "GammaController", "ModelDrafter", "NgramDrafter", "SpeculationStats",
+           "parse_speculate"]
 
 MAX_GAMMA = 8
 _MIN_RTT_MS = 10.0  # below this, before anything was measured, a round trip costs less than drafting
@@ -155,6 +157,58 @@ def _expected_tokens(p: float, gamma: int) -> float:
     """Tokens a round with ``gamma`` drafts yields when each draft is kept with probability ``p``
     (< 1): the kept prefix plus the model's own next token."""
     return (1 - p ** (gamma + 1)) / (1 - p)
+
+
+class DraftModelLoader:
+    """The draft model, loaded when drafting first needs it.
+
+    Loading the whole model takes seconds on a phone-class device (1.3-4.5 s for SmolLM2 here),
+    and a reply that waited for it in the middle of its decoding looked many times slower than
+    it is. So adaptive speculation asks without waiting (``get(wait=False)``): the load runs on
+    a thread of its own and the reply goes on one token per round trip until the model is
+    ready. A client that asked for a fixed number of drafts (``speculate=N``) waits instead, and
+    :attr:`waited_s` says how long, for its generation's stats.
+    """
+
+    def __init__(self, bundle: Bundle, variant: str, options: RuntimeOptions) -> None:
+        self.bundle, self.variant, self.options = bundle, variant, options
+        self.waited_s = 0.0  # loading time a caller waited for, not yet charged to a generation
+        self._drafter: ModelDrafter | None = None
+        self._loading: Future[ModelDrafter] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def step_ms(self) -> float | None:
+        """One incremental draft step of the loaded model (None before it has one)."""
+        return None if self._drafter is None else self._drafter.step_ms
+
+    def get(self, wait: bool) -> ModelDrafter | None:
+        """The draft model, or None while it is still loading and ``wait`` is False. Raises what
+        loading raised (once, to the caller that finds it failed)."""
+        if self._drafter is not None:
+            return self._drafter
+        if wait and self._loading is None:
+            began = time.perf_counter()
+            self._drafter = ModelDrafter(self.bundle, self.variant, self.options)
+            self.waited_s += time.perf_counter() - began
+            return self._drafter
+        if self._loading is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitllm-draft-loader")
+            self._loading = self._pool.submit(ModelDrafter, self.bundle, self.variant, self.options)
+        if not (wait or self._loading.done()):
+            return None
+        began = time.perf_counter()
+        loading, self._loading = self._loading, None
+        self._drafter = loading.result()
+        self.waited_s += time.perf_counter() - began
+        self.close()
+        return self._drafter
+
+    def close(self) -> None:
+        """Stop the loader thread (a load under way finishes on it and is dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class GammaController:
