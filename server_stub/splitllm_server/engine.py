@@ -237,8 +237,9 @@ class Engine:
         if isinstance(turn.step, Wait):
             timeout_s = turn.step.timeout_s
             with self._cond:
-                if timeout_s is None:  # every job waits for a piece being built
-                    self._cond.wait_for(lambda: bool(self._built or self._incoming or self._calls or self._stop))
+                if timeout_s is None:  # every job waits for a piece being built (or failed with its build)
+                    self._cond.wait_for(lambda: bool(self._built or self._incoming or self._calls or self._stop
+                                                     or not self.scheduler.jobs))
                     self._built = False
                 else:  # the batch window: other sessions' steps may be on their way
                     self._cond.wait_for(lambda: bool(self._incoming or self._calls or self._stop), timeout_s)
