@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds the server reports not ready (/readyz 503) while sessions go on, "
                         "before it stops listening and tells clients to reconnect; behind a balancer use its "
                         "check interval x fall count (deploy/haproxy.cfg: 2 s) plus a margin")
-    p.add_argument("--providers", default=",".join(ServerConfig.providers),
+    p.add_argument("--providers", default="cpu",
                    help="ONNX Runtime execution providers in order, comma-separated (cuda, tensorrt, rocm, openvino, "
                         "coreml, dml, ... or full ORT names); missing ones fall back to the next with a warning, "
                         "CPU always last")
