@@ -86,7 +86,7 @@ def logit_gap(engine: Engine, bundle: Bundle, prompt: list[int], batch: int) -> 
     from splitllm_server.kvpool import KVPool
     from splitllm_server.pieces import BatchRow, Piece
 
-    piece = Piece(bundle, 0, bundle.num_units, True, engine.options, engine.variant)
+    piece = Piece(bundle, 0, bundle.num_units, True, engine.executor.options, engine.executor.variant)
     pool = KVPool(bundle.shapes, batch, len(prompt) + 8)
     slots = [pool.take() for _ in range(batch)]
     ids = np.asarray(prompt, dtype=np.int64)
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             results[f"ours-{weights}"] = row
             agree[weights] = all(seq == seqs[batches[0]][0] for out in seqs.values() for seq in out)
             gaps[weights] = logit_gap(engine, bundle, prompt, max(batches))
-            curve = engine.call_blocking(lambda w=weights: measure_curve(bundle, w, args.threads, max(batches), options))
+            curve = asyncio.run(engine.call(lambda w=weights: measure_curve(bundle, w, args.threads, max(batches),
+                                                                            options)))
             curves[weights] = curve.to_dict()
             print(f"decode step ms per unit kind ({weights}), batch sizes {list(curve.batches)}:")
             for kind in ("embed", "layer", "head"):

@@ -1,7 +1,7 @@
 """Batching: the serial engine (``--max-batch 1``) against continuous batching, side by side.
 
 Run: ``python benchmarks/batching.py [--bundle bundles/smollm2] [--clients 8,32,64] [--tokens 64]
-[--split 2] [--lone-repeats 3] [--server-args '...'] [--devices real|phantom]``
+[--split 2] [--lone-repeats 3] [--server-args '...'] [--devices real|phantom] [--before REV [--repeats 3]]``
 
 For each client count, one load run (``benchmarks/load.py``: every client in this process, each
 with its own prefix, WebSocket and KV, all generating at once) against a fresh server with
@@ -15,17 +15,31 @@ ratios (batched / serial): ``throughput_ratio`` and ``p50_ratio`` per client cou
 has its first token one more client sends a ``--long-prompt``-position prompt; their per-token
 p50 and p99 from then on (the p99 should stay within 2x the p50: the prompt runs in chunks
 between their steps).
+
+``--before REV``: instead, the server of git revision REV against this tree's, both batching, at
+each client count: REV's ``sdk/``, ``exporter/`` and ``server_stub/`` are extracted (``git
+archive``) into a temporary directory and its server runs with them first on ``PYTHONPATH``;
+the clients are this tree's in both. ``--repeats`` rounds, the order alternating (before, now;
+now, before; ...) so drift on a shared machine falls on both alike. Prints each run's tokens/s,
+the medians and their ratio (now / before); the last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
+import os
 import shlex
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +51,70 @@ SERIAL = ["--max-batch", "1"]
 
 
 def _load(bundle: Path, clients: int, tokens: int, split: int, codec: str, server_args: list[str],
-          max_seconds: float, devices: str = "real") -> dict:
-    server = Server(bundle, server_args)
+          max_seconds: float, devices: str = "real", tree: Path | None = None) -> dict:
+    with _server_code(tree):
+        server = Server(bundle, server_args)
     try:
         ns = argparse.Namespace(bundle=bundle, clients=clients, tokens=tokens, split=split, codec=codec,
                                 max_seconds=max_seconds, speculate="off", devices=devices)
         return asyncio.run(run(ns, server))
     finally:
         server.stop()
+
+
+def _materialise(rev: str, into: Path) -> Path:
+    """REV's ``sdk/``, ``exporter/`` and ``server_stub/`` written under ``into`` (``git archive``)."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "sdk", "exporter", "server_stub"],
+                             capture_output=True, check=True, timeout=120).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+@contextlib.contextmanager
+def _server_code(tree: Path | None) -> Iterator[None]:
+    """Servers spawned inside run ``tree``'s code (its packages first on PYTHONPATH); None: this tree's."""
+    if tree is None:
+        yield
+        return
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in ("sdk", "exporter", "server_stub"))
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def _before_and_now(args: argparse.Namespace, extra: list[str], counts: list[int]) -> int:
+    """``--before``: REV's server against this tree's, interleaved; returns the errors seen."""
+    errors = 0
+    summary: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="splitllm-before-") as tmp:
+        old = _materialise(args.before, Path(tmp))
+        for n in counts:
+            tok_s: dict[str, list[float]] = {"before": [], "now": []}
+            for k in range(args.repeats):
+                order = (("before", old), ("now", None)) if k % 2 == 0 else (("now", None), ("before", old))
+                for name, tree in order:
+                    r = _load(args.bundle, n, args.tokens, args.split, args.codec, extra, args.max_seconds,
+                              args.devices, tree)
+                    errors += r["errors"] + r["client_failovers"]
+                    tok_s[name].append(r["throughput_tok_s"])
+                    print(f"{n:3d} clients  {name:6s} ({args.before if tree else 'this tree'}) "
+                          f"{r['throughput_tok_s']:8.1f} tok/s   p50 {r['token_latency_p50_ms']} ms   "
+                          f"errors {r['errors']}", flush=True)
+            med = {k: statistics.median(v) for k, v in tok_s.items()}
+            ratio = med["now"] / med["before"] if med["before"] else 0.0
+            print(f"{n:3d} clients  median tok/s: before {med['before']:.1f}, now {med['now']:.1f}, "
+                  f"ratio {ratio:.3f}", flush=True)
+            summary[n] = {"tok_s": tok_s, "median_tok_s": med, "ratio": round(ratio, 3)}
+    print(json.dumps({"before": args.before, "runs": summary, "errors": errors, "tokens": args.tokens,
+                      "split": args.split, "codec": args.codec, "devices": args.devices}))
+    return errors
 
 
 async def _long_prompt(bundle_path: Path, url: str, clients: int, tokens: int, split: int, codec: str,
@@ -119,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="", help="extra splitllm-server arguments for both engines")
     p.add_argument("--devices", choices=("real", "phantom"), default="real",
                    help="the load runs' clients: computing here (real) or asleep for their time (phantom; load.py)")
+    p.add_argument("--before", default=None, metavar="REV",
+                   help="compare git revision REV's server with this tree's (both batching) instead")
+    p.add_argument("--repeats", type=int, default=3, help="with --before: rounds of one run each")
     args = p.parse_args(argv)
     ensure_bundle(args.bundle)
     extra = shlex.split(args.server_args)
     counts = [] if args.long_only else [int(c) for c in args.clients.split(",") if c]
+    if args.before is not None:
+        return 1 if _before_and_now(args, extra, counts) else 0
     rows = []
     errors = 0
     for n in counts:

@@ -52,20 +52,26 @@ def test_server_ranges_share_their_aligned_pieces(tiny_export):
     from splitllm.errors import ConfigError
     from splitllm.model.runtime import RuntimeOptions
     from splitllm_server.engine import Engine
+    from splitllm_server.scheduler import cut
 
     path, _ = tiny_export("llama", layers=4)  # 6 units
     bundle = Bundle.open(path)
     engine = Engine(bundle, cache_size=1, options=RuntimeOptions(intra_op_threads=1), chunk_units=2)
     try:
-        assert engine.pieces(1, 6) == [(1, 2), (2, 4), (4, 6)]
-        assert engine.pieces(2, 4) == [(2, 4)] and engine.pieces(3, 4) == [(3, 4)]
-        first, second = engine.segments(1, 6), engine.segments(3, 6)
+        assert engine.scheduler.pieces(1, 6) == [(1, 2), (2, 4), (4, 6)]
+        assert cut(2, 4, 2) == [(2, 4)] and cut(3, 4, 2) == [(3, 4)]
+        executor = engine.executor
+
+        async def load(start, end):
+            return await engine.call(executor.load_pieces, start, end)  # on the engine's thread
+
+        first, second = asyncio.run(load(1, 6)), asyncio.run(load(3, 6))
         assert [(s.start, s.end) for s in second] == [(3, 4), (4, 6)]
         assert second[1] is first[2]  # one session (one copy of the weights) for units 4-5
-        assert engine.pieces_cache.max_pieces == 4
-        engine.segments(0, 2)  # a fifth piece evicts the least recently used
-        assert len(engine.pieces_cache) == 4
-        assert Engine(bundle, cache_size=1, options=RuntimeOptions(), chunk_units=0).pieces(1, 6) == [(1, 6)]
+        assert executor.piece_cache.max_pieces == 4
+        asyncio.run(load(0, 2))  # a fifth piece evicts the least recently used
+        assert len(executor.piece_cache) == 4
+        assert cut(1, 6, 0) == [(1, 6)]
         with pytest.raises(ConfigError, match="chunk_units must be >= 0"):
             Engine(bundle, cache_size=1, options=RuntimeOptions(), chunk_units=-1)
     finally:

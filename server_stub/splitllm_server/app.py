@@ -65,9 +65,9 @@ async def healthz(request: web.Request) -> web.Response:
     brief = {"status": "ok", "ready": state.ready, "draining": state.draining}
     if not _bearer_ok(request, state.config.token):
         return web.json_response(brief)
-    return web.json_response({**brief, "model": state.bundle.model_id, "weights": state.engine.variant,
+    return web.json_response({**brief, "model": state.bundle.model_id, "weights": state.engine.executor.variant,
                               "sessions": len(state.sessions), "planner_kernel": planner.kernel_status(),
-                              "chunk_units": state.engine.chunk_units,
+                              "chunk_units": state.engine.executor.chunk_units,
                               "providers_requested": list(state.config.providers), "providers": state.providers,
                               "session_providers": _session_providers(state)})
 
@@ -75,7 +75,7 @@ async def healthz(request: web.Request) -> web.Response:
 def _session_providers(state: ServerState) -> list[str]:
     """The providers the loaded ORT sessions report (ORT's own word on what runs)."""
     seen: dict[str, None] = {}
-    for piece in state.engine.pieces_cache.loaded():
+    for piece in state.engine.executor.piece_cache.loaded():
         for name in piece.session.get_providers():
             seen.setdefault(name, None)
     return list(seen)
@@ -109,7 +109,7 @@ async def plan_route(request: web.Request) -> web.Response:
 
 async def manifest(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"bundle_id": state.bundle.bundle_id, "weights": state.engine.variant,
+    return web.json_response({"bundle_id": state.bundle.bundle_id, "weights": state.engine.executor.variant,
                               "manifest": state.bundle.manifest})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -16,16 +17,13 @@ from aiohttp import web
 
 from splitllm import __version__
 from splitllm.errors import ConfigError, SplitLLMError
-from splitllm.model.bundle import DEFAULT_VARIANT
 from splitllm_server.app import STATE, create_app, drain
-from splitllm_server.config import (
-    DEFAULT_BATCH_WINDOW_MS,
-    DEFAULT_CHUNK_UNITS,
-    DEFAULT_MAX_BATCH,
-    DEFAULT_PREFILL_CHUNK,
-    ServerConfig,
-)
+from splitllm_server.config import ServerConfig
 from splitllm_server.logs import add_logging_args, configure
+
+# The defaults live once, on ServerConfig's fields; the options show them.
+DEFAULTS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(ServerConfig)
+                               if f.default is not dataclasses.MISSING}
 
 
 def _positive_float(text: str) -> float:
@@ -40,43 +38,41 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--bundle", required=True, help="bundle directory written by splitllm-export")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    p.add_argument("--host", default=DEFAULTS["host"], help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULTS["port"], help="port (0 picks a free one)")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or env SPLITLLM_TOKEN)")
     p.add_argument("--token-file", default=None, help="read the bearer token from this file")
-    p.add_argument("--max-sessions", type=int, default=256, help="sessions held at once (too_many_sessions beyond)")
-    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024, help="largest WebSocket frame accepted")
-    p.add_argument("--max-context", type=int, default=None, help="cap on positions per session (default: the model's)")
-    p.add_argument("--idle-ttl", type=float, default=600.0, help="seconds before an idle session is dropped")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--max-sessions", type=int, default=DEFAULTS["max_sessions"], help="sessions held at once (too_many_sessions beyond)")
+    p.add_argument("--max-frame-bytes", type=int, default=DEFAULTS["max_frame_bytes"], help="largest WebSocket frame accepted")
+    p.add_argument("--max-context", type=int, default=DEFAULTS["max_context"], help="cap on positions per session (default: the model's)")
+    p.add_argument("--idle-ttl", type=float, default=DEFAULTS["idle_ttl_s"], help="seconds before an idle session is dropped")
+    p.add_argument("--threads", type=int, default=DEFAULTS["intra_op_threads"], help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--no-spinning", action="store_true", help="stop idle ORT threads from spinning")
-    p.add_argument("--segment-cache", type=int, default=4, help="ranges whose sessions stay loaded")
-    p.add_argument("--chunk-units", type=int, default=DEFAULT_CHUNK_UNITS,
+    p.add_argument("--segment-cache", type=int, default=DEFAULTS["segment_cache"], help="ranges whose sessions stay loaded")
+    p.add_argument("--chunk-units", type=int, default=DEFAULTS["chunk_units"],
                    help="cut ranges at multiples of this many units so splits share sessions and weights "
                         "(0: one session per range)")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"decode steps of different sessions run together per piece, up to this many "
-                        f"(1: one at a time; default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
-                   help=f"how long a step may wait for other sessions' steps to join its batch "
-                        f"(default {DEFAULT_BATCH_WINDOW_MS:g})")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
-                   help=f"prompts run in chunks of at most this many positions, between decode batches "
-                        f"(default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--max-batch", type=int, default=DEFAULTS["max_batch"],
+                   help="decode steps of different sessions run together per piece, up to this many "
+                        "(1: one at a time)")
+    p.add_argument("--batch-window-ms", type=float, default=DEFAULTS["batch_window_ms"],
+                   help="how long a step may wait for other sessions' steps to join its batch")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULTS["prefill_chunk"],
+                   help="prompts run in chunks of at most this many positions, between decode batches")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
-    p.add_argument("--weights", default=DEFAULT_VARIANT,
+    p.add_argument("--weights", default=DEFAULTS["weights"],
                    help="weights to run: fp32 (exact) or a variant the bundle has (fp16, int8, int4)")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="decode steps in a row per session")
-    p.add_argument("--max-steps-per-s", type=float, default=1000.0, help="requests per second per connection")
-    p.add_argument("--handshake-timeout", type=_positive_float, default=5.0,
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="decode steps in a row per session")
+    p.add_argument("--max-steps-per-s", type=float, default=DEFAULTS["max_steps_per_s"], help="requests per second per connection")
+    p.add_argument("--handshake-timeout", type=_positive_float, default=DEFAULTS["handshake_timeout_s"],
                    help="seconds a WebSocket gets to complete a valid Hello before it is closed (1008)")
-    p.add_argument("--max-conns-per-addr", type=int, default=64,
+    p.add_argument("--max-conns-per-addr", type=int, default=DEFAULTS["max_conns_per_addr"],
                    help="open WebSockets per client address (HTTP 429 beyond; 0 = no cap)")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDR",
                    help="believe X-Forwarded-For from this peer address for the per-address cap (repeatable)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--drain-timeout", type=float, default=DEFAULTS["drain_timeout_s"],
                    help="on SIGTERM, seconds in-flight steps get before every client is told to reconnect")
-    p.add_argument("--drain-grace", type=float, default=0.0,
+    p.add_argument("--drain-grace", type=float, default=DEFAULTS["drain_grace_s"],
                    help="on SIGTERM, seconds the server reports not ready (/readyz 503) while sessions go on, "
                         "before it stops listening and tells clients to reconnect; behind a balancer use its "
                         "check interval x fall count (deploy/haproxy.cfg: 2 s) plus a margin")

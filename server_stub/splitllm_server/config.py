@@ -1,4 +1,8 @@
-"""Server settings, with the defaults a single-machine deployment wants."""
+"""Server settings, with the defaults a single-machine deployment wants.
+
+Every default lives here once: :class:`ServerConfig`'s fields (the CLI reads its defaults from
+them), with the ``DEFAULT_*`` constants for the ones the engine takes too.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ DEFAULT_CHUNK_UNITS = 8  # SmolLM2's 32 units: four shared pieces
 DEFAULT_MAX_BATCH = 64
 DEFAULT_BATCH_WINDOW_MS = 2.0
 DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_MAX_SESSIONS = 256
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class ServerConfig:
     port: int = 8765
     token: str | None = None
     max_frame_bytes: int = 64 * 1024 * 1024
-    max_sessions: int = 256
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     max_context: int | None = None
     idle_ttl_s: float = 600.0
     max_new_tokens: int = 4096

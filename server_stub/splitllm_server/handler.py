@@ -2,7 +2,8 @@
 
 Every frame is validated before use; any SplitLLMError a request raises becomes an Error frame
 for that request and the connection (and its session state) carries on. Only a failed
-handshake is fatal.
+handshake is fatal. The handler only checks and translates protocol messages: payloads are
+decoded and encoded by the engine's executor (Run, KVPut, KVGet), on the engine's thread.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ import hmac
 import logging
 import time
 
-import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from splitllm import codec as codecs
 from splitllm.errors import (
     AuthError,
     BundleMismatch,
-    ContextTooLong,
     FrameError,
     FrameTooLarge,
     RateLimited,
@@ -29,7 +28,6 @@ from splitllm.errors import (
 )
 from splitllm.model.sampling import SamplingParams
 from splitllm.protocol import wire
-from splitllm.protocol.payload import check_shape
 from splitllm_server.planning import plan_frame
 from splitllm_server.sessions import ServerSession
 from splitllm_server.state import ServerState
@@ -165,13 +163,13 @@ class Connection:
                 await self.send(wire.Ack(seq=msg.seq))
             elif isinstance(msg, wire.KVPut):
                 self.check_layer_unit(msg.unit)
-                if msg.length > self.state.max_context:
-                    raise ContextTooLong(f"KV of {msg.length} positions exceeds the context of {self.state.max_context}")
-                await self.state.engine.call(self.kv_put, msg)
+                engine = self.state.engine
+                await engine.call(engine.executor.kv_put, self.session.cache, msg)
                 await self.send(wire.Ack(seq=msg.seq))
             elif isinstance(msg, wire.KVGet):
                 self.check_layer_unit(msg.unit)
-                await self.send(await self.state.engine.call(self.kv_get, msg))
+                engine = self.state.engine
+                await self.send(await engine.call(engine.executor.kv_get, self.session.cache, msg))
             elif isinstance(msg, wire.Plan):  # planned by the replica holding this session
                 slot = self.session.slot if self.session is not None else None
                 await self.send(await plan_frame(self.state, msg, slot))
@@ -236,27 +234,9 @@ class Connection:
         if not 1 <= unit <= self.state.bundle.num_layers:
             raise FrameError(f"unit {unit} is not a decoder layer (1..{self.state.bundle.num_layers}); only layers hold KV")
 
-    def kv_put(self, msg: wire.KVPut) -> None:
-        """Take over a layer's KV from the client (the layer moves to the server). Engine thread."""
-        shapes = self.state.bundle.shapes
-        expected = (1, shapes.num_kv_heads, msg.length, shapes.head_dim)
-        limit = int(np.prod(expected))
-        check_shape("KVPut.key", msg.key, expected)
-        check_shape("KVPut.value", msg.value, expected)
-        key = codecs.decode(msg.key, max_elements=limit)
-        value = codecs.decode(msg.value, max_elements=limit)
-        self.live.cache.set(msg.unit, key, value)
-
-    def kv_get(self, msg: wire.KVGet) -> wire.KVData:
-        """Hand a layer's KV to the client and forget it here (the layer moves to the client). Engine thread."""
-        key, value = self.live.cache.get(msg.unit)
-        reply = wire.KVData(seq=msg.seq, unit=msg.unit, length=int(key.shape[2]),
-                            key=codecs.encode(key, "fp32"), value=codecs.encode(value, "fp32"))
-        self.live.cache.drop(range(msg.unit, msg.unit + 1))
-        return reply
-
     async def on_run(self, msg: wire.Run) -> None:
-        """Check the request against the protocol; the engine does the rest and builds the Result."""
+        """Check the request against the protocol; the engine does the rest (the context check
+        included) and builds the Result."""
         state = self.state
         session = self.live
         self.check_units(msg.start, msg.end)
@@ -266,10 +246,6 @@ class Connection:
             raise FrameError(f"want={msg.want!r} needs the head (unit {num_units - 1}) in the range")
         if msg.want == "hidden" and ends_with_head:
             raise FrameError("want='hidden' cannot include the head; ask for 'token' or 'logits'")
-        if msg.past_len + msg.n_tokens > state.max_context:
-            raise ContextTooLong(
-                f"{msg.past_len} cached + {msg.n_tokens} new positions exceed the context of {state.max_context}"
-            )
         if msg.n_tokens > 1:
             self.decode_steps = 0
         elif ends_with_head:

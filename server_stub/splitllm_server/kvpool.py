@@ -29,13 +29,43 @@ from __future__ import annotations
 
 import heapq
 import mmap
+from typing import Protocol
 
 import numpy as np
 
 from splitllm.errors import ConfigError, ContextTooLong, SessionStateError, TooManySessions
 from splitllm.model.bundle import ModelShapes
 
-__all__ = ["KVPool", "PooledKV"]
+__all__ = ["KVPool", "PooledKV", "SessionKV"]
+
+
+class SessionKV(Protocol):
+    """One session's KV store on the server, per decoder layer (*unit*): a :class:`PooledKV`
+    (fused layers, batched over pool rows) or the SDK's ``KVCache`` (exported layer graphs)."""
+
+    def length(self, unit: int) -> int:
+        """Positions ``unit`` holds."""
+        ...
+
+    def get(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(1, KV, length, D) keys and values of ``unit``."""
+        ...
+
+    def set(self, unit: int, key: np.ndarray, value: np.ndarray) -> None:
+        """Replace ``unit``'s KV with (1, KV, P, D) arrays."""
+        ...
+
+    def units(self) -> list[int]: ...
+
+    def truncate(self, length: int, units: range | None = None) -> None:
+        """Keep the first ``length`` positions of ``units`` (all by default)."""
+        ...
+
+    def drop(self, units: range) -> None: ...
+
+    def nbytes(self) -> int:
+        """Bytes the store holds for the session."""
+        ...
 
 
 def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -86,14 +116,6 @@ class KVPool:
         self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
 
-    @property
-    def in_use(self) -> int:
-        return self.slots - len(self._free)
-
-    def resident_bytes(self) -> int:
-        """Bytes of the positions that slots hold now (the pages behind them may be more)."""
-        return int(self.lengths.sum()) * self.shapes.kv_bytes_per_position
-
 
 class PooledKV:
     """One session's KV in its slot of a :class:`KVPool`, with the interface of ``KVCache``.
@@ -128,11 +150,6 @@ class PooledKV:
         kpool[self.slot, :, :n] = key[0]
         vpool[self.slot, :, :n] = value[0]
         self.pool.lengths[self.slot, unit] = n
-
-    def grown(self, units: range | list[int], length: int) -> None:
-        """ORT wrote positions up to ``length`` in place for these units."""
-        for unit in units:
-            self.pool.lengths[self.slot, unit] = length
 
     def units(self) -> list[int]:
         return [int(u) for u in np.nonzero(self.pool.lengths[self.slot])[0]]

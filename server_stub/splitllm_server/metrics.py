@@ -106,7 +106,7 @@ class StateCollector:
 
     def collect(self) -> Iterator[Metric]:
         st = self.state
-        m, s, e = st.metrics, st.sessions, st.engine
+        m, s, e = st.metrics, st.sessions, st.engine.scheduler
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)

@@ -2,8 +2,8 @@
 
 Ranges are built from aligned pieces. Every ORT session prepacks its own copy of its MatMul
 weights, so four clients at four different splits would cost four copies of the model's tail. A
-range ``[start, end)`` is therefore cut at multiples of ``chunk_units`` and run as that chain of
-sessions, which clients at other splits share: only the unaligned first piece is specific to a
+range ``[start, end)`` is therefore cut at multiples of ``chunk_units`` (``scheduler.cut``) and
+run as that chain of sessions, which clients at other splits share: only the unaligned first piece is specific to a
 split (``benchmarks/server_memory.py``); ``chunk_units=0`` keeps one session per range.
 
 A piece over fused layers runs a *batch*: rows ``lo..hi`` of the KV pools (``kvpool``) bound as
@@ -26,15 +26,7 @@ from splitllm.model.bundle import Bundle
 from splitllm.model.runtime import RuntimeOptions, Segment
 from splitllm_server.kvpool import KVPool
 
-__all__ = ["BatchRow", "Piece", "PieceCache", "cut"]
-
-
-def cut(start: int, end: int, chunk_units: int) -> list[tuple[int, int]]:
-    """``[start, end)`` cut at the multiples of ``chunk_units`` inside it (whole with 0)."""
-    if chunk_units == 0:
-        return [(start, end)]
-    cuts = [start, *range((start // chunk_units + 1) * chunk_units, end, chunk_units), end]
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
+__all__ = ["BatchRow", "Piece", "PieceCache"]
 
 
 @dataclass
@@ -122,7 +114,7 @@ class Piece:
 class PieceCache:
     """An LRU of loaded pieces, keyed by (start, end, last_only).
 
-    :meth:`get` builds a missing piece where it is called. The engine instead asks :meth:`ready`,
+    :meth:`get` builds a missing piece where it is called. The executor instead asks :meth:`ready`,
     which starts a missing piece's build on a loader thread and answers False until it is done:
     building an ORT session takes about 100 ms for a few of SmolLM2's layers, and the steps of
     every other session would wait that long behind it on the engine thread.

@@ -45,21 +45,22 @@ async def server_profile(state: ServerState) -> Profile:
             if state.profile is None:
                 threads = state.config.intra_op_threads
                 state.profile = await state.engine.call(lambda: load_or_measure(state.bundle, threads=threads,
-                                                                                variant=state.engine.variant))
+                                                                                variant=state.engine.executor.variant))
     return state.profile
 
 
 async def batch_curve(state: ServerState) -> BatchCurve | None:
     """The engine's decode cost curve (measured once, cached), or None when it does not batch."""
     engine = state.engine
-    if engine.max_batch <= 1 or not engine.pooled:
+    if engine.scheduler.max_batch <= 1 or not engine.executor.pooled:
         return None
     if state.curve is None:
         async with state.profile_lock:
             if state.curve is None:
                 threads = state.config.intra_op_threads
                 state.curve = await engine.call(lambda: load_or_measure_curve(
-                    state.bundle, engine.variant, threads, engine.max_batch, engine.options))
+                    state.bundle, engine.executor.variant, threads, engine.scheduler.max_batch,
+                    engine.executor.options))
     return state.curve
 
 
@@ -79,19 +80,19 @@ def server_costs(state: ServerState, server: Profile, curve: BatchCurve | None, 
     """The server's side of a planning problem: its times per unit and phase, and its work.
 
     A batching server prices each unit's decode step at the batch it will join there: the rows
-    that unit runs now for the other sessions active on it (``Engine.unit_rows``; a session that
+    that unit runs now for the other sessions active on it (``Scheduler.unit_rows``; a session that
     runs everything on its device adds none), plus the asker's; as work, the marginal time the
     asker's row adds (``costcurve``), which is the unit's whole batch-1 time where nobody else runs
     it. A prompt runs in chunks alternating with the decode batches, so while others decode it
     takes about twice its own time. Without batching: the measured times stretched by the M/M/1
     load factor, as before.
     """
-    engine = state.engine
+    scheduler = state.engine.scheduler
     num_units = state.bundle.num_units
     if curve is None:
-        return ServerCosts(server.scaled_prefill_ms(prompt_tokens), server.decode_ms, engine.load_factor(), None,
+        return ServerCosts(server.scaled_prefill_ms(prompt_tokens), server.decode_ms, scheduler.load_factor(), None,
                            {"pricing": "load-factor"})
-    rows = engine.unit_rows(exclude_slot)
+    rows = scheduler.unit_rows(exclude_slot)
     stretch = 2.0 if any(rows) else 1.0
     return ServerCosts(
         prefill_ms=[ms * stretch for ms in server.scaled_prefill_ms(prompt_tokens)],

@@ -6,9 +6,9 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from splitllm.errors import TooManySessions
+from splitllm_server.kvpool import SessionKV
 
 __all__ = ["ServerSession", "SessionStore"]
 
@@ -17,7 +17,7 @@ __all__ = ["ServerSession", "SessionStore"]
 class ServerSession:
     session_id: str
     slot: int  # the session's row in the engine's KV pools
-    cache: Any  # PooledKV (fused layers) or KVCache: the KV of the units the server ran for it
+    cache: SessionKV  # the KV of the units the server ran for it
     codec: str
     client_name: str
     created: float = field(default_factory=time.monotonic)
@@ -53,7 +53,7 @@ class SessionStore:
         if len(self._sessions) >= self.max_sessions:
             raise TooManySessions(f"the server holds its maximum of {self.max_sessions} sessions; try again later")
 
-    def open(self, slot: int, cache: Any, codec: str, client_name: str) -> ServerSession:
+    def open(self, slot: int, cache: SessionKV, codec: str, client_name: str) -> ServerSession:
         session = ServerSession(secrets.token_hex(16), slot, cache, codec, client_name)
         self._sessions[session.session_id] = session
         self.opened_total += 1

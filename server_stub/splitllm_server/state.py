@@ -42,8 +42,8 @@ class ServerState:
 
     @property
     def max_context(self) -> int:
-        model_max = self.bundle.shapes.max_context
-        return min(model_max, self.config.max_context) if self.config.max_context else model_max
+        """Positions a session may hold: the model's, or the config's cap below it (the engine's)."""
+        return self.engine.max_context
 
 
 STATE = web.AppKey("splitllm_state", ServerState)
