@@ -22,7 +22,6 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from _baselines import status_mb
@@ -38,10 +37,14 @@ def _status_mb(key: str) -> float:
 
 
 def worker(spec: dict) -> dict:
+    import asyncio
+
     import numpy as np
 
     from splitllm import Bundle
-    from splitllm.model.runtime import KVCache, RuntimeOptions
+    from splitllm import codec as codecs
+    from splitllm.model.runtime import RuntimeOptions
+    from splitllm.protocol import wire
     from splitllm_server.engine import Engine
 
     class Options(RuntimeOptions):
@@ -56,24 +59,38 @@ def worker(spec: dict) -> dict:
                     chunk_units=spec["chunk_units"])
     base = _status_mb("RssAnon")
     rng = np.random.default_rng(0)
-    rows = []
-    for split in spec["splits"]:
-        start, end = bundle.split_range(split, "server")
-        cache = KVCache(bundle.shapes)
-        x = rng.standard_normal((1, 64, bundle.shapes.hidden_size)).astype(np.float32)
-        engine._run(start, end, True, x, cache, 0, time.perf_counter())
-        steps = []
-        for past in range(64, 64 + spec["steps"]):
-            _, timing = engine._run(start, end, True, x[:, :1], cache, past, time.perf_counter())
-            steps.append(timing.compute_ms)
-        rows.append({
-            "split": split,
-            "units": [start, end],
-            "pieces": engine.pieces(start, end),
-            "anon_mb_above_start": round(_status_mb("RssAnon") - base, 1),
-            "step_ms_median": round(statistics.median(steps), 3),
-        })
-    engine.close()
+
+    def run_msg(start: int, end: int, past: int, x: np.ndarray) -> wire.Run:
+        """The Run a client at this split sends: its hidden states in, the next token out."""
+        return wire.Run(seq=past, start=start, end=end, past_len=past, n_tokens=int(x.shape[1]),
+                        payload=codecs.encode(x, "fp32"), want="token", temperature=0.0, top_p=1.0, top_k=0,
+                        seed=0, codec="fp32")
+
+    async def drive() -> list[dict]:
+        rows = []
+        for split in spec["splits"]:
+            start, end = bundle.split_range(split, "server")
+            slot, kv = await engine.open_session()  # a client at this split: a session of its own
+            x = rng.standard_normal((1, 64, bundle.shapes.hidden_size)).astype(np.float32)
+            await engine.run(slot, kv, run_msg(start, end, 0, x))
+            steps = []
+            for past in range(64, 64 + spec["steps"]):
+                _, timing = await engine.run(slot, kv, run_msg(start, end, past, x[:, :1]))
+                steps.append(timing.compute_ms)
+            rows.append({
+                "split": split,
+                "units": [start, end],
+                "pieces": engine.scheduler.pieces(start, end),
+                "anon_mb_above_start": round(_status_mb("RssAnon") - base, 1),
+                "step_ms_median": round(statistics.median(steps), 3),
+            })
+            engine.close_session(slot)
+        return rows
+
+    try:
+        rows = asyncio.run(drive())
+    finally:
+        engine.close()
     return {"chunk_units": spec["chunk_units"], "no_prepack": spec["no_prepack"], "rows": rows}
 
 

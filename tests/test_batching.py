@@ -185,7 +185,9 @@ def test_batch_curve_interpolates_and_prices_one_more_row():
 async def test_plan_of_a_batching_server_prices_its_occupancy(tiny_export, start_server, tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path))  # profiles and the curve are measured here
     path, _ = tiny_export("llama", layers=4)
-    batched = await start_server(path, max_batch=8)
+    # Sessions count as active for a minute: on a loaded machine stepping three sessions and
+    # measuring the server's profile and batch curve can take longer than the default 2 s.
+    batched = await start_server(path, max_batch=8, active_window_s=60.0)
     serial = await start_server(path, max_batch=1)
     profile = Profile("x", 1, 16, 16, (0.5,) * 6, (0.5,) * 6)
     request = PlanRequest(client_profile=profile, sla=PhaseSLA(500.0, 50.0), prompt_tokens=16, codec="fp32")

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import pytest
 
 from splitllm_server.scheduler import (
-    ACTIVE_S,
     Job,
     PieceKey,
     Readiness,
@@ -26,6 +25,7 @@ from splitllm_server.scheduler import (
 )
 
 UNITS = 6  # embeddings, 4 layers, head
+ACTIVE_S = 2.0  # the window a session counts as active in
 
 
 class Clock:
@@ -62,7 +62,7 @@ def make(max_batch: int = 8, prefill_chunk: int = 64, batch_window_ms: float = 0
          step_s: float = 0.01) -> tuple[Scheduler, FakeExecutor, Clock]:
     clock = Clock()
     sched = Scheduler(UNITS, chunk_units=chunk_units, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                      prefill_chunk=prefill_chunk, max_context=512, clock=clock)
+                      prefill_chunk=prefill_chunk, max_context=512, active_s=ACTIVE_S, clock=clock)
     return sched, FakeExecutor(clock, step_s), clock
 
 
@@ -178,7 +178,7 @@ def test_closing_a_session_drops_its_queued_jobs():
 
 def test_a_step_waits_up_to_the_batch_window_for_the_active_sessions_steps():
     sched, ex, clock = make(batch_window_ms=20)
-    for s in (1, 2):  # active here (a step in the last ACTIVE_S), their next steps not in yet
+    for s in (1, 2):  # active here (a step in the last ACTIVE_S seconds), their next steps not in yet
         sched.open(s)
         sched.note_range(s, 0, UNITS)
     job = submit(sched, 0)

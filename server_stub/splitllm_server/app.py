@@ -247,7 +247,8 @@ def create_app(config: ServerConfig) -> web.Application:
         engine = Engine(bundle, cache_size=config.segment_cache, options=options, variant=config.weights,
                         chunk_units=config.chunk_units, max_batch=config.max_batch,
                         batch_window_ms=config.batch_window_ms, prefill_chunk=config.prefill_chunk,
-                        max_sessions=config.max_sessions, max_context=config.max_context)
+                        max_sessions=config.max_sessions, max_context=config.max_context,
+                        active_window_s=config.active_window_s)
         sessions = SessionStore(config.max_sessions, config.idle_ttl_s,
                                 on_close=lambda session: engine.close_session(session.slot))
         app[STATE] = state = ServerState(config, bundle, engine, sessions, providers=providers)

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(1: one at a time)")
     p.add_argument("--batch-window-ms", type=float, default=DEFAULTS["batch_window_ms"],
                    help="how long a step may wait for other sessions' steps to join its batch")
+    p.add_argument("--active-window", type=float, default=DEFAULTS["active_window_s"], metavar="SECONDS",
+                   help="a session that stepped within this long counts as a batch row (for the batch "
+                        "window and for /v1/plan's prices)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULTS["prefill_chunk"],
                    help="prompts run in chunks of at most this many positions, between decode batches")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the bundle's files at start")
@@ -98,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bundle=Path(args.bundle), host=args.host, port=args.port, token=token,
         max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes, max_context=args.max_context,
         idle_ttl_s=args.idle_ttl, segment_cache=args.segment_cache, chunk_units=args.chunk_units,
-        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, prefill_chunk=args.prefill_chunk, intra_op_threads=args.threads,
+        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, active_window_s=args.active_window, prefill_chunk=args.prefill_chunk, intra_op_threads=args.threads,
         allow_spinning=not args.no_spinning, verify_bundle=not args.no_verify, weights=args.weights,
         max_new_tokens=args.max_new_tokens, max_steps_per_s=args.max_steps_per_s,
         handshake_timeout_s=args.handshake_timeout, max_conns_per_addr=args.max_conns_per_addr,

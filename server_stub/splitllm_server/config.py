@@ -17,6 +17,7 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_BATCH_WINDOW_MS = 2.0
 DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_MAX_SESSIONS = 256
+DEFAULT_ACTIVE_WINDOW_S = 2.0  # a session stepping within this long is counted in batches and plans
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class ServerConfig:
     splits share the sessions (and weights) of their common tail; 0 = one session per range.
     ``max_batch``: decode steps of different sessions run as one batch per piece, up to this many
     rows (1: one session's step at a time). ``batch_window_ms``: how long a step may wait for other
-    sessions' steps to join its batch. ``prefill_chunk``: a prompt runs in chunks of at most this
+    sessions' steps to join its batch. ``active_window_s``: a session whose latest step here is
+    older than this is not waited for by the batch window nor counted in the rows ``/v1/plan``
+    prices a unit at. ``prefill_chunk``: a prompt runs in chunks of at most this
     many positions, interleaved with the decode batches.
     ``intra_op_threads``: ORT threads for the server's segments (0 = one per core).
     ``weights``: which of the bundle's weights the server runs: "fp32" (the exact blocks, the
@@ -71,6 +74,7 @@ class ServerConfig:
     chunk_units: int = DEFAULT_CHUNK_UNITS
     max_batch: int = DEFAULT_MAX_BATCH
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    active_window_s: float = DEFAULT_ACTIVE_WINDOW_S
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     intra_op_threads: int = 0
     allow_spinning: bool = True
@@ -108,6 +112,8 @@ class ServerConfig:
             raise ConfigError(f"chunk_units must be >= 0, got {self.chunk_units}")
         if self.max_frame_bytes < 4096:
             raise ConfigError(f"max_frame_bytes must be >= 4096, got {self.max_frame_bytes}")
+        if not self.active_window_s > 0:
+            raise ConfigError(f"active_window_s must be > 0, got {self.active_window_s}")
         if not self.batch_window_ms >= 0:
             raise ConfigError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.idle_ttl_s <= 0:

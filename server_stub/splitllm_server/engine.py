@@ -32,6 +32,7 @@ from splitllm.model.bundle import DEFAULT_VARIANT, Bundle
 from splitllm.model.runtime import RuntimeOptions
 from splitllm.protocol import wire
 from splitllm_server.config import (
+    DEFAULT_ACTIVE_WINDOW_S,
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_CHUNK_UNITS,
     DEFAULT_MAX_BATCH,
@@ -69,9 +70,12 @@ class Engine:
     def __init__(self, bundle: Bundle, *, cache_size: int, options: RuntimeOptions, variant: str = DEFAULT_VARIANT,
                  chunk_units: int = DEFAULT_CHUNK_UNITS, max_batch: int = DEFAULT_MAX_BATCH,
                  batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS, max_context: int | None = None) -> None:
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, max_context: int | None = None,
+                 active_window_s: float = DEFAULT_ACTIVE_WINDOW_S) -> None:
         if chunk_units < 0:
             raise ConfigError(f"chunk_units must be >= 0, got {chunk_units}")
+        if not active_window_s > 0:
+            raise ConfigError(f"active_window_s must be > 0, got {active_window_s}")
         if max_batch < 1 or prefill_chunk < 1 or not batch_window_ms >= 0:
             raise ConfigError(f"max_batch and prefill_chunk must be >= 1 and batch_window_ms >= 0, got "
                               f"{max_batch}, {prefill_chunk}, {batch_window_ms}")
@@ -82,7 +86,7 @@ class Engine:
                                  on_built=self._piece_built)
         self.scheduler = Scheduler(bundle.num_units, chunk_units=chunk_units, max_batch=max_batch,
                                    batch_window_ms=batch_window_ms, prefill_chunk=prefill_chunk,
-                                   max_context=self.max_context)
+                                   max_context=self.max_context, active_s=active_window_s)
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._incoming: deque[_Request] = deque()

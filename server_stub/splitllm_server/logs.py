@@ -1,4 +1,4 @@
-"""Logging set-up shared by splitllm-server and splitllm-gateway: ``--log-level`` and ``--log-format``.
+"""Logging set-up of splitllm-server: ``--log-level`` and ``--log-format``.
 
 ``text`` is one human-readable line per record; ``json`` is one JSON object per line (``ts`` in
 ISO 8601 UTC, ``level``, ``logger``, ``message``, and ``exc`` when there is a traceback), which log

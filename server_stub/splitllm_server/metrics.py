@@ -22,23 +22,19 @@ try:
     from prometheus_client import (
         CONTENT_TYPE_LATEST,
         CollectorRegistry,
-        Counter,
-        Gauge,
         Histogram,
         generate_latest,
     )
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
     from prometheus_client.process_collector import ProcessCollector
 except ModuleNotFoundError as exc:  # a device-only install: say which extra brings it
-    raise ModuleNotFoundError(f"splitllm-server and splitllm-gateway need {exc.name}: "
+    raise ModuleNotFoundError(f"splitllm-server needs {exc.name}: "
                               "pip install 'splitllm[server]'", name=exc.name) from exc
 
 if TYPE_CHECKING:
     from splitllm_server.state import ServerState
 
-# The prometheus_client names the gateway uses come from here, so a missing package is reported once.
-__all__ = ["CONTENT_TYPE", "CollectorRegistry", "Counter", "Gauge", "Histogram", "Metrics", "ProcessCollector",
-           "StateCollector", "generate_latest"]
+__all__ = ["CONTENT_TYPE", "Metrics", "StateCollector"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from a 1 ms decode step on a small model to a 60 s prefill queued behind others.

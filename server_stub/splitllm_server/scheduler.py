@@ -20,7 +20,7 @@ Policy (``docs/architecture.md`` has the picture and the reasons):
   the decode batches. While decode steps wait, a chunk is sized from the measured costs so that
   one of its pieces takes about half as long as a piece of the decode batch: a long prompt
   stretches the others' steps by about 1.5x; alone, it runs in chunks of ``prefill_chunk``.
-- Before a batch smaller than the sessions active here (a step in the last ``ACTIVE_S``), the
+- Before a batch smaller than the sessions active here (a step in the last ``active_s``, the server's ``--active-window``), the
   scheduler waits up to ``batch_window_ms`` for the others' steps to arrive; a session that runs
   everything on its device is not waited for.
 - A job that fails fails alone (the executor retries the rest of its batch without it).
@@ -39,14 +39,13 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["ACTIVE_S", "Job", "PieceKey", "Readiness", "RunTiming", "Scheduler", "Step", "StepExecutor",
+__all__ = ["Job", "PieceKey", "Readiness", "RunTiming", "Scheduler", "Step", "StepExecutor",
            "StepOutput", "StepRow", "Wait", "cut", "cycle"]
 
 _MIN_CHUNK = 8  # positions: below this a chunk costs more in per-run overhead than it saves
 _PROMPT_SHARE = 0.5  # a prompt's chunk-piece may take this fraction of a decode batch's piece
 _EWMA = 0.2
 _DECODE_RECENT_S = 1.0  # a decode batch this recent means sessions are decoding
-ACTIVE_S = 2.0  # a session whose last step here is older than this is not counted as a batch row
 
 PieceKey = tuple[int, int, bool]  # (start unit, end unit, the head keeps only the last position's logits)
 
@@ -188,13 +187,15 @@ class Scheduler:
     """
 
     def __init__(self, num_units: int, *, chunk_units: int, max_batch: int, batch_window_ms: float,
-                 prefill_chunk: int, max_context: int, clock: Callable[[], float] = time.perf_counter) -> None:
+                 prefill_chunk: int, max_context: int, active_s: float,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.num_units = num_units
         self.chunk_units = chunk_units
         self.max_batch = max_batch
         self.batch_window_s = batch_window_ms / 1e3
         self.prefill_chunk = prefill_chunk
         self.max_context = max_context
+        self.active_s = active_s
         self.clock = clock
         self.jobs: list[Job] = []
         self.open_slots: set[int] = set()
@@ -370,13 +371,13 @@ class Scheduler:
         return 1.0 / (1.0 - min(self.utilisation(), 0.9))
 
     def _active(self) -> list[tuple[int, int, int]]:
-        """(slot, start, end) of the open sessions that ran on this server in the last ACTIVE_S."""
-        cutoff = self.clock() - ACTIVE_S
+        """(slot, start, end) of the open sessions that ran on this server in the last ``active_s``."""
+        cutoff = self.clock() - self.active_s
         return [(slot, start, end) for slot, (at, start, end) in self._last_range.copy().items()
                 if at >= cutoff and slot in self.open_slots]
 
     def active_sessions(self) -> int:
-        """Sessions that ran a step here in the last ACTIVE_S seconds: a session that runs every
+        """Sessions that ran a step here in the last ``active_s`` seconds: a session that runs every
         unit on its device holds a slot but never joins a batch (the batch window waits for these)."""
         return len(self._active())
 
