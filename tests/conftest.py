@@ -95,7 +95,7 @@ def smollm2_reference(request, smollm2_bundle):
     """
     from helpers import chat_ids
 
-    from splitllm_export.validate import reference_run
+    from splitllm_export.validate.splits import reference_run
 
     folder = smollm2_bundle.parent / f"{smollm2_bundle.name}-references"
 

@@ -9,8 +9,8 @@ from helpers import chat_ids
 
 from splitllm import errors
 from splitllm.model.bundle import Bundle
-from splitllm_export.registry import ARCHS, spec_named
-from splitllm_export.validate import reference_run, run_split
+from splitllm_export.graphs.registry import ARCHS, spec_named
+from splitllm_export.validate.splits import reference_run, run_split
 
 NEW_TOKENS = 16
 NEW_FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma3"]

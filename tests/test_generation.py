@@ -10,7 +10,7 @@ from helpers import chat_ids
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.model.sampling import SamplingParams
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 NEW_TOKENS = 32
 

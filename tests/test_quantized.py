@@ -28,7 +28,7 @@ from splitllm.client import SplitClient
 from splitllm.model.bundle import MANIFEST, Bundle
 from splitllm.model.runtime import KVCache, Segment
 from splitllm_export import cli
-from splitllm_export.quality import compare_quality, next_token_stats, quality_tokens
+from splitllm_export.validate.quality import compare_quality, next_token_stats, quality_tokens
 
 VARIANTS = ("int4", "int8", "fp16")
 LAYERS = 3
@@ -204,7 +204,7 @@ def test_zero_point_quantisation_beats_min_max_rounding_and_matches_the_kernel()
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from splitllm_export.blockquant import quantize_zp
+    from splitllm_export.variants.blockquant import quantize_zp
 
     rng = np.random.default_rng(0)
     k, n, block = 128, 24, 32
@@ -239,7 +239,7 @@ def test_symmetric_quantisation_beats_plain_rounding_and_matches_the_kernel():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from splitllm_export.blockquant import dequantize_sym, quantize_sym
+    from splitllm_export.variants.blockquant import dequantize_sym, quantize_sym
 
     rng = np.random.default_rng(3)
     k, n, block = 128, 24, 32

