@@ -184,7 +184,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
 
 
 def test_bad_gguf_sources_give_clear_errors(tmp_path):
-    from splitllm_export.sources import load_gguf
+    from splitllm_export.sources.gguf_model import load_gguf
 
     with pytest.raises(errors.ModelSourceError, match="no GGUF file"):
         load_gguf(tmp_path / "absent.gguf")

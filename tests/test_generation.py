@@ -75,7 +75,7 @@ def test_server_ranges_share_their_aligned_pieces(tiny_export):
 async def test_llama_layers_exported_from_pytorch_stay_exact_at_every_split(tmp_path, start_server):
     """--layer-graphs exported: the PyTorch-exported Llama layers (the fused ones are the default)."""
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     source = load_tiny("llama", num_layers=3)
     path = export_bundle(source, tmp_path / "exported", show_progress=False, fused_layers=False)
