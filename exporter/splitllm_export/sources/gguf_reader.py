@@ -1,13 +1,23 @@
-"""Reading GGUF files: the architecture from the header alone, and one shared parse per load.
+"""Reading GGUF files: the architecture from the header alone, and one parse shared by a whole load.
 
-Nothing here builds a model; :mod:`splitllm_export.sources.gguf_model` does, through transformers.
+Why one parse: transformers' own GGUF loading (``from_pretrained(..., gguf_file=...)`` for the
+tokenizer and for the model) runs its converter ``load_gguf_checkpoint`` four times (a config for
+each, the tokenizer, the weights), and each run parses the file with ``gguf.GGUFReader``, which
+slices a numpy memmap per metadata element: ~26 s per parse for Gemma 3's 262,144-entry vocabulary
+on a loaded 2-core machine, against ~6 s through a plain ndarray view of the same mapping.
+
+:class:`GGUFParse` parses once with such a reader and runs transformers' converter against that
+parse: the converter takes a path and imports ``GGUFReader`` from ``gguf`` when called, so it is
+called through a copy whose ``gguf`` import (and only that one, for that one call) yields the
+parse. No module is modified; other code in the process keeps the ``gguf`` it imported. Nothing
+here builds a model; :mod:`splitllm_export.sources.gguf_model` does.
 """
 
 from __future__ import annotations
 
+import builtins
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
+import types
 from pathlib import Path
 from typing import Any
 
@@ -57,39 +67,66 @@ def gguf_architecture(path: Path) -> str:
     raise ModelSourceError(f"{path} is a damaged GGUF file: no general.architecture")
 
 
-@contextmanager
-def one_gguf_parse() -> Iterator[None]:
-    """Inside: every ``gguf.GGUFReader(path)`` returns one shared, faster reader per file.
+class GGUFParse:
+    """One parse of the GGUF at ``path``, read as transformers reads it, as often as a load needs.
 
-    transformers parses a GGUF's metadata from scratch for the config, the tokenizer, the model's
-    config and the weights (four parses), and the ``gguf`` reader slices a numpy memmap per
-    field element, which costs ~130 s for Gemma 3's 262,144-entry vocabulary on a loaded 2-core
-    machine. Reading through a plain ndarray view of the same mapping takes ~30 s, and sharing
-    one reader makes it one parse. Scoped to one load: the original class is restored after.
+    ``metadata()`` is transformers' ``config``, ``tokenizer`` and ``tokenizer_config`` dicts;
+    ``tensors(skeleton)`` the weights dequantized to fp32 torch tensors under ``skeleton``'s
+    parameter names. The file is parsed on the first call only.
     """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: Any = None
+
+    def metadata(self) -> dict[str, Any]:
+        return self._convert(return_tensors=False)
+
+    def tensors(self, skeleton: Any) -> dict[str, Any]:
+        """``skeleton``: a transformers model of the GGUF's config (meta device: only names are read)."""
+        tensors: dict[str, Any] = self._convert(return_tensors=True, model_to_load=skeleton)["tensors"]
+        return tensors
+
+    def reader(self) -> Any:
+        """The parse: a ``gguf.GGUFReader`` whose data is a plain ndarray over the file's mapping."""
+        if self._reader is None:
+            self._reader = _plain_reader_class()(self.path)
+        return self._reader
+
+    def _convert(self, **kwargs: Any) -> dict[str, Any]:
+        """transformers' ``load_gguf_checkpoint`` run against this parse (see the module doc)."""
+        import gguf
+        from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+        parse = self.reader()
+        view = types.SimpleNamespace(**{**vars(gguf), "GGUFReader": lambda *_args, **_kwargs: parse})
+
+        def scoped_import(name: str, globals_: Any = None, locals_: Any = None, fromlist: Any = (),
+                          level: int = 0) -> Any:
+            if name == "gguf" and level == 0:
+                return view
+            return builtins.__import__(name, globals_, locals_, fromlist, level)
+
+        original = hf_gguf.load_gguf_checkpoint
+        scope = {**vars(hf_gguf), "__builtins__": {**vars(builtins), "__import__": scoped_import}}
+        convert = types.FunctionType(original.__code__, scope, original.__name__, original.__defaults__,
+                                     original.__closure__)
+        parsed: dict[str, Any] = convert(str(self.path), **kwargs)
+        return parsed
+
+
+def _plain_reader_class() -> type:
+    """``gguf.GGUFReader`` reading through a plain ndarray view of its memmap (no per-slice memmaps)."""
     import gguf
     import numpy as np
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
-
-    class _PlainReader(original):  # type: ignore[misc, valid-type]
+    class PlainReader(gguf.GGUFReader):  # type: ignore[misc]
         @property
         def data(self) -> Any:
             return self._plain
 
         @data.setter
         def data(self, value: Any) -> None:
-            self._plain = np.asarray(value)  # the memmap's buffer, without per-slice memmap objects
+            self._plain = np.asarray(value)
 
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = _PlainReader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = reader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+    return PlainReader
