@@ -9,8 +9,9 @@ on a loaded 2-core machine, against ~6 s through a plain ndarray view of the sam
 :class:`GGUFParse` parses once with such a reader and runs transformers' converter against that
 parse: the converter takes a path and imports ``GGUFReader`` from ``gguf`` when called, so it is
 called through a copy whose ``gguf`` import (and only that one, for that one call) yields the
-parse. No module is modified; other code in the process keeps the ``gguf`` it imported. Nothing
-here builds a model; :mod:`splitllm_export.sources.gguf_model` does.
+parse. No module is modified; other code in the process keeps the ``gguf`` it imported. Should a
+transformers version import ``gguf`` elsewhere, its converter would parse the file itself: slower,
+same result. Nothing here builds a model; :mod:`splitllm_export.sources.gguf_model` does.
 """
 
 from __future__ import annotations
