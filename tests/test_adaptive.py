@@ -13,7 +13,7 @@ from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.planner import Policy
 from splitllm.planner.profile import Profile, load_or_measure, measure
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 
 def _ids(source, text: str = "Explain the tides.") -> list[int]:

@@ -17,7 +17,7 @@ from splitllm import errors
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.protocol import wire
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 
 def _ids(source, text: str = "Tell me a story.") -> list[int]:

@@ -19,7 +19,7 @@ from splitllm.planner.costs import PhaseSLA
 from splitllm.planner.profile import Profile
 from splitllm.protocol import wire
 from splitllm.protocol.plan import PlanRequest
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 from splitllm_server.costcurve import BatchCurve
 from splitllm_server.pieces import PieceCache
 

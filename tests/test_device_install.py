@@ -20,7 +20,7 @@ from pathlib import Path
 
 from helpers import chat_ids
 
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 REPO = Path(__file__).resolve().parents[1]
 NEVER = ("torch", "transformers", "optimum", "onnx", "splitllm_server", "splitllm_export")

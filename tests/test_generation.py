@@ -10,7 +10,7 @@ from helpers import chat_ids
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.model.sampling import SamplingParams
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 NEW_TOKENS = 32
 
@@ -81,7 +81,7 @@ def test_server_ranges_share_their_aligned_pieces(tiny_export):
 async def test_llama_layers_exported_from_pytorch_stay_exact_at_every_split(tmp_path, start_server):
     """--layer-graphs exported: the PyTorch-exported Llama layers (the fused ones are the default)."""
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     source = load_tiny("llama", num_layers=3)
     path = export_bundle(source, tmp_path / "exported", show_progress=False, fused_layers=False)

@@ -17,7 +17,7 @@ from splitllm.errors import ConfigError
 from splitllm.model.bundle import Bundle
 from splitllm.planner.profile import Profile, measure
 from splitllm.testing.netem import ShapedLink, SlowDevice, scaled_profile
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 
 class Peer:

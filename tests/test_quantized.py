@@ -28,7 +28,7 @@ from splitllm.client import SplitClient
 from splitllm.model.bundle import MANIFEST, Bundle
 from splitllm.model.runtime import KVCache, Segment
 from splitllm_export import cli
-from splitllm_export.quality import compare_quality, next_token_stats, quality_tokens
+from splitllm_export.validate.quality import compare_quality, next_token_stats, quality_tokens
 
 VARIANTS = ("int4", "int8", "fp16")
 LAYERS = 3
@@ -183,7 +183,7 @@ def test_int4_q41_keeps_gguf_like_weights_nearly_exactly(tmp_path):
     """A model whose weights are already Q4_1/Q8_0 (like the SmolLM2 GGUF) loses almost nothing in
     int4-q41; int4 (symmetric blocks, no correction node) re-quantises them and loses more."""
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     source = load_tiny("llama", num_layers=2, seed=1)
     _gguf_like(source)
@@ -204,7 +204,7 @@ def test_zero_point_quantisation_beats_min_max_rounding_and_matches_the_kernel()
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from splitllm_export.blockquant import quantize_zp
+    from splitllm_export.variants.blockquant import quantize_zp
 
     rng = np.random.default_rng(0)
     k, n, block = 128, 24, 32
@@ -239,7 +239,7 @@ def test_symmetric_quantisation_beats_plain_rounding_and_matches_the_kernel():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from splitllm_export.blockquant import dequantize_sym, quantize_sym
+    from splitllm_export.variants.blockquant import dequantize_sym, quantize_sym
 
     rng = np.random.default_rng(3)
     k, n, block = 128, 24, 32
@@ -269,7 +269,7 @@ def test_int4_is_symmetric_with_a_4_bit_head_and_stays_close(tmp_path):
     import onnx
 
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     out = export_bundle(load_tiny("llama", num_layers=2, seed=2), tmp_path / "sym", splits=[0], show_progress=False,
                         client_weights=["int4"])
@@ -325,7 +325,7 @@ def test_fused_layers_match_the_exported_layers_one_chunk_or_many(variant_bundle
     """fp16 fused layers vs fp32 layers exported from PyTorch: same hidden states and cache (rotated
     keys), so caches move between the two kinds; a prompt fed in chunks gives what one chunk gives."""
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     exported = Bundle.open(export_bundle(load_tiny("llama", num_layers=LAYERS), tmp_path / "exported",
                                          show_progress=False, fused_layers=False, validate=False))
@@ -444,7 +444,7 @@ def test_int4_h4_quantises_the_head_copy_to_4_bits(tmp_path):
     import onnx
 
     from splitllm_export.export import export_bundle
-    from splitllm_export.sources import load_tiny
+    from splitllm_export.sources.tiny import load_tiny
 
     out = export_bundle(load_tiny("llama", num_layers=1, seed=2), tmp_path / "h4", splits=[0], show_progress=False,
                         client_weights=["int4-h4", "int4-zp"])

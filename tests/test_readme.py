@@ -40,7 +40,7 @@ def _check_export_line(argv: list[str], bundle: Path) -> None:
     ``bundles/smollm2``. Running it again would repeat the fixture's minute of export and validation."""
     from splitllm import Bundle
     from splitllm_export.cli import build_parser
-    from splitllm_export.sources import BUILTIN
+    from splitllm_export.sources.catalogue import BUILTINS
 
     assert Path(_bin(argv[0])).is_file(), f"{argv[0]} is not installed"
     args = build_parser().parse_args(argv[1:])
@@ -49,7 +49,7 @@ def _check_export_line(argv: list[str], bundle: Path) -> None:
     assert (args.layer_graphs, args.block_size, args.output) == ("fused", 32, "bundles/smollm2")
     m = Bundle.open(bundle, verify=False).manifest
     assert m["validation"]["skipped"] is False and all(r["tokens_match"] for r in m["validation"]["splits"])
-    assert Bundle.open(bundle, verify=False).model_id == BUILTIN["smollm2"][2]
+    assert Bundle.open(bundle, verify=False).model_id == BUILTINS["smollm2"].model_id
 
 
 @pytest.mark.smollm

@@ -16,7 +16,7 @@ from conftest import CACHE, REPO, _code_key
 from splitllm.client import SplitClient
 from splitllm.errors import NotEnoughDiskSpace
 from splitllm.model.bundle import MANIFEST, Bundle
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 pytestmark = pytest.mark.realmodels
 
@@ -29,13 +29,14 @@ _sources: dict[str, object] = {}
 
 
 def _source(name: str):
-    from splitllm_export import builtins
-    from splitllm_export.sources import builtin_gguf, builtin_model_id, load_gguf
+    from splitllm_export.sources.catalogue import BUILTINS
+    from splitllm_export.sources.gguf_model import load_gguf
+    from splitllm_export.sources.wheels import builtin_gguf, part_path
 
     if name not in _sources:
-        if any(builtins.part_path(p) is None for p in builtins.BUILTINS[name].parts):
+        if any(part_path(p) is None for p in BUILTINS[name].parts):
             pytest.skip(f"{name} is not installed (make models)")
-        _sources[name] = load_gguf(builtin_gguf(name), model_id=builtin_model_id(name))
+        _sources[name] = load_gguf(builtin_gguf(name), model_id=BUILTINS[name].model_id)
     return _sources[name]
 
 

@@ -18,7 +18,7 @@ from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.protocol import wire
 from splitllm.testing.netem import ShapedLink
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 TOKENS = 32
 

@@ -14,7 +14,7 @@ from splitllm import errors
 from splitllm.client import SplitClient
 from splitllm.model.bundle import Bundle
 from splitllm.speculate import GammaController, NgramDrafter, parse_speculate
-from splitllm_export.validate import reference_run
+from splitllm_export.validate.splits import reference_run
 
 TOKENS = 20
 

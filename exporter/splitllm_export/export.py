@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from splitllm.errors import ConfigError, ExportError, NotEnoughDiskSpace, SplitLLMError
 from splitllm.model.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
-from splitllm_export.arch import ArchSpec, Shapes
-from splitllm_export.blocks import OPSET, BlockInfo, export_blocks
-from splitllm_export.registry import spec_for
+from splitllm_export.graphs.arch import ArchSpec, Shapes
+from splitllm_export.graphs.blocks import OPSET, BlockInfo, export_blocks
+from splitllm_export.graphs.registry import spec_for
 from splitllm_export.sources import Source
-from splitllm_export.validate import reference_run, validate_splits
+from splitllm_export.validate.splits import reference_run, validate_splits
 
 if TYPE_CHECKING:
-    from splitllm_export.quantize import Scheme
+    from splitllm_export.variants.quantize import Scheme
 
 VALIDATION_PROMPT = "What is the capital of France? Answer in one short sentence."
 VALIDATION_STEPS = 4
@@ -129,15 +129,15 @@ def export_bundle(
     """Export ``source`` as a bundle at ``out_dir`` and return its path.
 
     ``splits`` limits validation to some splits (all of 0..L by default). ``client_weights``
-    adds device weight variants ("fp16", "int8", "int4"; see splitllm_export.quantize) next to
+    adds device weight variants ("fp16", "int8", "int4"; see splitllm_export.variants.quantize) next to
     the fp32 blocks, which stay byte-for-byte what they are without them; with validation on,
     each variant's teacher-forced quality against fp32 goes into its manifest entry.
     ``fused_layers`` builds the decoder layers of families with a fused form (registry entry) from the weights with ONNX Runtime's
-    fused kernels (splitllm_export.fused) instead of exporting them from PyTorch.
+    fused kernels (splitllm_export.graphs.fused) instead of exporting them from PyTorch.
     Raises ExportError (or a subclass) and leaves nothing at ``out_dir`` on failure.
     """
     from splitllm.model.text import TextCodec
-    from splitllm_export.quantize import scheme_for
+    from splitllm_export.variants.quantize import scheme_for
 
     schemes = [scheme_for(name, block_size) for name in dict.fromkeys(client_weights) if name != "fp32"]
 
@@ -241,7 +241,7 @@ def _model_stop_tokens(source: Source) -> list[str]:
 def _write_variants(out_dir: Path, blocks: Sequence[BlockInfo], schemes: Sequence[Scheme], model: Any,
                     spec: ArchSpec, shapes: Shapes) -> dict[str, Any]:
     """Each scheme's variant files into ``out_dir``; returns their manifest entries by name."""
-    from splitllm_export.quantize import write_variant
+    from splitllm_export.variants.quantize import write_variant
 
     return {scheme.name: write_variant(out_dir, list(blocks), scheme, model, spec, shapes) for scheme in schemes}
 
@@ -250,7 +250,12 @@ def _measure_variants(bundle: Bundle, variants: dict[str, Any]) -> None:
     """Teacher-forced top-1 agreement and perplexity of each variant against fp32, into its entry."""
     if not variants:
         return
-    from splitllm_export.quality import QUALITY_TEXT, compare_quality, next_token_stats, quality_tokens
+    from splitllm_export.validate.quality import (
+        QUALITY_TEXT,
+        compare_quality,
+        next_token_stats,
+        quality_tokens,
+    )
 
     ids = quality_tokens(bundle, min(QUALITY_TOKENS, bundle.shapes.max_context))
     reference = next_token_stats(bundle, "fp32", ids, QUALITY_TOKENS)

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitllm_export.arch import ArchSpec, Shapes
-from splitllm_export.layers import attend, eager_reference, merge_heads, split_heads, tied_linear
+from splitllm_export.graphs.arch import ArchSpec, Shapes
+from splitllm_export.graphs.layers import attend, eager_reference, merge_heads, split_heads, tied_linear
 
 
 class _GPT2Embed(nn.Module):

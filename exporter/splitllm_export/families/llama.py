@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitllm_export.arch import DecoderLayout
-from splitllm_export.layers import decoder_spec
+from splitllm_export.graphs.arch import DecoderLayout
+from splitllm_export.graphs.layers import decoder_spec
 
 
 def tiny_config(vocab_size: int, num_layers: int) -> Any:

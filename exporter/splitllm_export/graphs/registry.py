@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from splitllm.errors import UnsupportedArchitecture
-from splitllm_export.arch import ArchSpec
 from splitllm_export.families import FAMILIES
+from splitllm_export.graphs.arch import ArchSpec
 
 ARCHS: dict[str, ArchSpec] = {spec.family: spec for spec in FAMILIES}
 

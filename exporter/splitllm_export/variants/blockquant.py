@@ -1,4 +1,4 @@
-"""Block quantisation numerics of the device weight variants (see splitllm_export.quantize).
+"""Block quantisation numerics of the device weight variants (see splitllm_export.variants.quantize).
 
 Every function takes a float weight (K, N) as a MatMul multiplies it (x @ W) and returns it in
 MatMulNBits' layout: one row per output column, blocks of ``block`` values along K.

@@ -52,9 +52,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from splitllm.errors import ConfigError, ExportError
 from splitllm.model.bundle import ModelShapes
-from splitllm_export import fused
-from splitllm_export.arch import ArchSpec
-from splitllm_export.blockquant import (
+from splitllm_export.graphs import fused
+from splitllm_export.graphs.arch import ArchSpec
+from splitllm_export.graphs.blocks import BlockInfo
+from splitllm_export.graphs.onnx_util import MS_DOMAIN, WEIGHTS_FILE, GraphBuilder, WeightStore
+from splitllm_export.variants.blockquant import (
     dequantize_sym,
     dequantize_zp,
     quantize_asym,
@@ -62,9 +64,7 @@ from splitllm_export.blockquant import (
     quantize_sym8,
     quantize_zp,
 )
-from splitllm_export.blocks import BlockInfo
-from splitllm_export.calibrate import InputStats, layer_input_stats, weight_key
-from splitllm_export.onnx_util import MS_DOMAIN, WEIGHTS_FILE, GraphBuilder, WeightStore
+from splitllm_export.variants.calibrate import InputStats, layer_input_stats, weight_key
 
 VARIANTS = ("fp16", "int8", "int4", "int4-zp", "int4-h4", "int4-q41")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -352,7 +352,7 @@ def write_variant(out_dir: Path, blocks: list[BlockInfo], scheme: Scheme, model:
     """Write ``<block>.<variant>.onnx`` for every block and ``weights.<variant>.bin``.
 
     With the torch ``model`` (and its registry ``spec`` and ``shapes``), decoder layers that
-    :func:`splitllm_export.fused.fusable` accepts are built as fused layers from its weights;
+    :func:`splitllm_export.graphs.fused.fusable` accepts are built as fused layers from its weights;
     other blocks are the fp32 graphs rewritten. Returns the variant's manifest entry (blocks,
     files, scheme; the caller adds quality). Raises ExportError when the fp32 blocks cannot be read.
     """

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitllm_export.arch import ArchSpec, DecoderLayout, Shapes
+from splitllm_export.graphs.arch import ArchSpec, DecoderLayout, Shapes
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

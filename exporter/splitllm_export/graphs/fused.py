@@ -23,7 +23,7 @@ inputs only: ``seqlens_k`` (B,) int32 = total length - 1 and ``total_seq_len`` (
 The KV cache holds rotated keys in (B, KV, P, D), exactly what the fp32 blocks hold, so a cache
 moves between a fused device prefix and fp32 server layers unchanged.
 
-The registry entry's :class:`~splitllm_export.arch.DecoderLayout` maps a family onto this form:
+The registry entry's :class:`~splitllm_export.graphs.arch.DecoderLayout` maps a family onto this form:
 packed or separate projections (with biases), q/k RMSNorm (a SimplifiedLayerNormalization over
 each head, then separate q, k, v into GroupQueryAttention), extra norms around attention and MLP
 (Gemma 3), a SiLU or tanh-GELU gate, the rotary tables of each layer (Gemma 3's local layers
@@ -43,8 +43,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from splitllm.model.bundle import ModelShapes
-from splitllm_export.arch import ArchSpec, DecoderLayout
-from splitllm_export.onnx_util import MS_DOMAIN, GraphBuilder
+from splitllm_export.graphs.arch import ArchSpec, DecoderLayout
+from splitllm_export.graphs.onnx_util import MS_DOMAIN, GraphBuilder
 
 SHARED_INPUTS = ("seqlens_k", "total_seq_len")
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")

@@ -10,11 +10,11 @@ SDK can compose any contiguous range of them without knowing the family:
     head_last  h{L} (B,T,H)                                            -> logits (B,1,V)   (last position only)
 
 Layers of a family with a :class:`DecoderLayout` can instead be built from the weights as fused
-ONNX Runtime kernels (``splitllm_export.fused``): their interface takes ``seqlens_k`` (B,) and
+ONNX Runtime kernels (``splitllm_export.graphs.fused``): their interface takes ``seqlens_k`` (B,) and
 ``total_seq_len`` () int32 in place of ``position_ids`` and ``attention_mask``.
 
 One file per family under ``splitllm_export/families`` fills in an ArchSpec; the registry
-(``splitllm_export.registry``) collects them. Nothing outside a family file names a family.
+(``splitllm_export.graphs.registry``) collects them. Nothing outside a family file names a family.
 """
 
 from __future__ import annotations

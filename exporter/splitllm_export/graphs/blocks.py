@@ -24,9 +24,9 @@ from onnx import numpy_helper
 from torch import nn
 
 from splitllm.errors import ExportError
-from splitllm_export import fused
-from splitllm_export.arch import ArchSpec, Shapes
-from splitllm_export.onnx_util import WEIGHTS_FILE, WeightStore, tensor_digest
+from splitllm_export.graphs import fused
+from splitllm_export.graphs.arch import ArchSpec, Shapes
+from splitllm_export.graphs.onnx_util import WEIGHTS_FILE, WeightStore, tensor_digest
 
 __all__ = ["OPSET", "WEIGHTS_FILE", "BlockInfo", "WeightStore", "export_blocks"]
 
@@ -130,7 +130,7 @@ def export_blocks(
 ) -> list[BlockInfo]:
     """Write embed.onnx, layer_{i}.onnx, head.onnx, head_last.onnx and weights.bin into out_dir.
 
-    With ``fused_layers`` (default) decoder layers that ``splitllm_export.fused`` can build are
+    With ``fused_layers`` (default) decoder layers that ``splitllm_export.graphs.fused`` can build are
     written as fused fp32 layers from the weights (GroupQueryAttention, ~20 nodes); the other
     blocks, and every block of a family without a fused form, are exported from PyTorch.
     """
