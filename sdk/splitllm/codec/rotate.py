@@ -34,9 +34,11 @@ from splitllm.errors import CodecError, ConfigError
 
 __all__ = [
     "BLOCK",
+    "BATCH_VALUES",
     "MAX_ROW_VALUES",
     "ROTATION_SEED",
     "RotatedIntCodec",
+    "batch_rows",
     "check_outliers",
     "check_row",
     "padded_width",
@@ -48,6 +50,7 @@ __all__ = [
 BLOCK = 64
 ROTATION_SEED = 0x53504C49  # "SPLI"; changing it changes every rotated codec's format
 MAX_ROW_VALUES = 2**18  # longest row a rotated codec takes: hidden sizes and vocabularies fit
+BATCH_VALUES = 1 << 14  # padded values a rotated or entropy-coded decoder handles at once
 
 
 def _splitmix64(seed: int, count: int) -> np.ndarray:
@@ -84,6 +87,16 @@ def _rotation(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(width)
     return order, inverse, signs
+
+
+def batch_rows(rows: int, cols: int, width: int) -> int:
+    """Rows a decoder takes at once for rows of ``cols`` values padded to ``width``.
+
+    Its temporaries are a few dozen bytes per padded value; a batch holds at most
+    :data:`BATCH_VALUES` padded values and at most a quarter of the tensor's own values, so they
+    stay a small fraction of the output even for one-column tensors (padded 64x).
+    """
+    return max(1, min(BATCH_VALUES, rows * cols // 4) // max(width, 1))
 
 
 def padded_width(cols: int) -> int:
@@ -181,13 +194,33 @@ class RotatedIntCodec(IntBlockCodec):
         head = idx.astype(f"<u{idx_bytes}").tobytes() + values.astype("<f2").tobytes()
         return head + super()._encode_raw(np.ascontiguousarray(inner))
 
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        check_row(shape[-1] if shape else 1, self.name)
+
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         rows, cols, k, idx_bytes = self._rows(shape)
-        check_row(cols, self.name)
         idx = np.frombuffer(raw, f"<u{idx_bytes}", count=rows * k).reshape(rows, k).astype(np.intp)
         values = np.frombuffer(raw, "<f2", count=rows * k, offset=rows * k * idx_bytes).reshape(rows, k)
         check_outliers(idx, values, cols, self.name)
-        inner = super()._decode_raw(memoryview(raw)[rows * k * (idx_bytes + 2) :], self._inner_shape(rows, cols))
-        out = unrotate(inner, cols) if self.rotated else inner
-        np.put_along_axis(out, idx, values.astype(np.float32), axis=1)
+        body = memoryview(raw)[rows * k * (idx_bytes + 2) :]
+        _, width = self._inner_shape(rows, cols)
+        nblocks = -(-width // self.block)
+        codes = body[2 * rows * nblocks :]
+        if not self.rotated:  # no padding: the inner body is the tensor's own size
+            out = self.decode_rows(body[: 2 * rows * nblocks], codes, rows, cols)
+            np.put_along_axis(out, idx, values.astype(np.float32), axis=1)
+            return out.reshape(shape)
+        # Rotated rows are padded to whole 64-value blocks: (N, 1) is coded as (N, 64). A batch of
+        # rows at a time keeps the padded temporaries a fraction of the tensor; a batch ends on a
+        # byte boundary because ``width * bits`` is a multiple of 64 bits.
+        out = np.empty((rows, cols), np.float32)
+        step = batch_rows(rows, cols, width)
+        row_code_bytes = width * self.bits // 8
+        for a in range(0, rows, step):
+            n = min(step, rows - a)
+            inner = self.decode_rows(body[2 * a * nblocks : 2 * (a + n) * nblocks],
+                                     codes[a * row_code_bytes : (a + n) * row_code_bytes], n, width)
+            part = unrotate(inner, cols)
+            np.put_along_axis(part, idx[a : a + n], values[a : a + n].astype(np.float32), axis=1)
+            out[a : a + n] = part
         return out.reshape(shape)
