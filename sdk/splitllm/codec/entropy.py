@@ -63,6 +63,7 @@ from splitllm.codec.huffman import (
     read_codes,
     read_field,
     tops,
+    tops_at,
 )
 from splitllm.codec.rotate import (
     batch_rows,
@@ -296,7 +297,7 @@ class EntropyCodec(Codec):
         kind = read_field(bits, 0, 3)
         if (kind > _KIND_FALLBACK).any():
             raise CodecError(f"{self.name}: row kind {int(kind.max())} is not 0..4")
-        z = np.zeros((rows, width), np.float64)
+        z: np.ndarray | None = None  # (R, P) float64, allocated once the chains are followed
         idx = np.zeros((rows, k), np.intp)
         vals = np.zeros((rows, k), np.float16)
         end = np.zeros(rows, np.int64)  # first bit after the last field, per row
@@ -312,15 +313,22 @@ class EntropyCodec(Codec):
                     idx[sel, j] = read_field(part, slot, idx_bits)
                     vals[sel, j] = read_field(part, slot + idx_bits, 16).astype(np.uint16).view(np.float16)
                 if fallback:
-                    z[sel], end[sel] = self._decode_fallback(part, side, width, row_bits)
+                    z_sel, end[sel] = self._decode_fallback(part, side, width, row_bits)
                 else:
-                    z[sel], end[sel] = self._decode_ec(part, part_packed, kind[sel], side, width)
+                    z_sel, end[sel] = self._decode_ec(part, part_packed, kind[sel], side, width)
                 del part, part_packed
+                if every:
+                    z = z_sel
+                else:
+                    z = np.zeros((rows, width), np.float64) if z is None else z
+                    z[sel] = z_sel
         check_outliers(idx, vals, cols, self.name)
         reverse = bits[:, ::-1]  # the last 1 bit of every row must come before its end
         if (reverse.any(axis=1) & (row_bits - 1 - reverse.argmax(axis=1) >= end)).any():
             raise CodecError(f"{self.name}: padding bits after the last code are not zero")
         del bits, reverse
+        if z is None:  # every row is ec or fallback and a batch has rows: never taken
+            raise CodecError(f"{self.name}: internal error, no row decoded")
         out = unrotate(z.astype(np.float32), cols)
         np.put_along_axis(out, idx, vals.astype(np.float32), axis=1)
         if not np.isfinite(out).all():
@@ -340,14 +348,8 @@ class EntropyCodec(Codec):
         start = side + width * b_r  # (n,) where the Huffman codes begin
         if (start > row_bits).any():
             raise CodecError(f"{self.name}: {int(b_r.max())} low bits per value do not fit the row")
-        lows = np.zeros((n, width), np.int64)
-        for b in np.unique(b_r):
-            if b:
-                sel = b_r == b
-                lows[sel] = read_codes(bits[sel], side, width, int(b))
-
         # Per row and bit position: where a code starting there ends (the chain's next link).
-        top = tops(packed, _LUT_BITS)  # (n, row_bits) uint16, kept: symbols are read from it below
+        top = tops(packed, _LUT_BITS)  # (n, row_bits) uint16
         sentinel = row_bits + WINDOW  # absorbing: a chain that runs off the row stays there
         nxt = np.full((n, sentinel + 1), sentinel, np.int32)
         for t in np.unique(t_r):
@@ -356,14 +358,19 @@ class EntropyCodec(Codec):
             for a in range(0, len(rows_t), max(1, _LOOKUP_CHUNK // row_bits)):  # bounds the int64 index copy
                 part = rows_t[a : a + max(1, _LOOKUP_CHUNK // row_bits)]
                 nxt[part, :row_bits] = table.take(top[part])
+        del top
         nxt[:, :row_bits] += np.arange(row_bits, dtype=np.int32)  # <= row_bits - 1 + WINDOW < sentinel
         pos = follow_chains(nxt, start, width)  # (n, P): where code i starts
         del nxt
         last = pos[:, -1]
         if (last >= row_bits).any():
             raise CodecError(f"{self.name}: Huffman codes run past the end of the row")
-        top_at = np.take_along_axis(top, pos, axis=1)  # (n, P): the lookup bits of every code
-        del top
+        top_at = tops_at(packed, pos, _LUT_BITS)  # (n, P): the lookup bits of every code
+        lows = np.zeros((n, width), np.int64)
+        for b in np.unique(b_r):
+            if b:
+                sel = b_r == b
+                lows[sel] = read_codes(bits[sel], side, width, int(b))
         code = _LUT_SYMBOL[t_r[:, None], top_at].astype(np.int64)  # (n, P)
         step_at = np.zeros(pos.shape, np.int64)
         for t in np.unique(t_r):

@@ -19,6 +19,7 @@ from splitllm.errors import CodecError, ConfigError
 
 __all__ = [
     "WINDOW", "BitFields", "HuffmanTable", "binomial_table", "follow_chains", "read_codes", "read_field", "tops",
+    "tops_at",
     "write_fields",
 ]
 
@@ -139,7 +140,7 @@ def tops(packed: np.ndarray, width: int) -> np.ndarray:
     return out.reshape(n_rows, 8 * n_bytes).astype(np.uint16)
 
 
-_CHUNK = 1 << 13  # entries gathered at once while squaring a jump table (64 KiB of int64 temporaries)
+_CHUNK = 1 << 12  # entries gathered at once while squaring a jump table (32 KiB of int64 temporaries)
 
 
 def follow_chains(nxt: np.ndarray, start: np.ndarray, count: int) -> np.ndarray:
@@ -164,8 +165,20 @@ def follow_chains(nxt: np.ndarray, start: np.ndarray, count: int) -> np.ndarray:
                 np.take(jump, jump[a:b] + row_base, out=spare[a:b])
             jump, spare = spare, jump
         take = ((index >> level) & 1).astype(bool)
-        pos = np.where(take, jump.take(base + pos), pos)
+        np.copyto(pos, jump.take(base + pos), where=take)
     return pos
+
+
+def tops_at(packed: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
+    """(R, K) int64: the ``width`` <= 16 bits at bit positions ``pos`` (R, K) of rows of packed
+    bytes (R, B), as :func:`tops` gives them for every position, without building all of them."""
+    n_rows, n_bytes = packed.shape
+    padded = np.zeros((n_rows, n_bytes + 2), np.int64)
+    padded[:, :n_bytes] = packed
+    byte = pos >> 3
+    word = (np.take_along_axis(padded, byte, axis=1) << 16) | (np.take_along_axis(padded, byte + 1, axis=1) << 8)
+    word |= np.take_along_axis(padded, byte + 2, axis=1)
+    return (word >> (24 - width - (pos & 7))) & ((1 << width) - 1)
 
 
 class BitFields:

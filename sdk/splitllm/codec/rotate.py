@@ -93,10 +93,12 @@ def batch_rows(rows: int, cols: int, width: int) -> int:
     """Rows a decoder takes at once for rows of ``cols`` values padded to ``width``.
 
     Its temporaries are a few dozen bytes per padded value; a batch holds at most
-    :data:`BATCH_VALUES` padded values and at most a quarter of the tensor's own values, so they
-    stay a small fraction of the output even for one-column tensors (padded 64x).
+    :data:`BATCH_VALUES` padded values and at most a quarter of the tensor's own values (an
+    eighth when padding more than doubles a row), so they stay a small fraction of the output
+    even for one-column tensors (padded 64x).
     """
-    return max(1, min(BATCH_VALUES, rows * cols // 4) // max(width, 1))
+    share = 4 if width <= 2 * cols else 8  # padded rows: their temporaries outgrow the output
+    return max(1, min(BATCH_VALUES, rows * cols // share) // max(width, 1))
 
 
 def padded_width(cols: int) -> int:
@@ -148,7 +150,7 @@ def split_outliers(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np
 
 def check_outliers(idx: np.ndarray, values: np.ndarray, cols: int, what: str) -> None:
     """CodecError unless indices (R, k) are increasing and < cols and values (R, k) are finite."""
-    if idx.size and (int(idx.max()) >= cols or (idx.shape[1] > 1 and (np.diff(idx, axis=1) <= 0).any())):
+    if idx.size and (int(idx.max()) >= cols or (idx[:, 1:] <= idx[:, :-1]).any()):  # unsigned-safe
         raise CodecError(f"{what}: outlier indices out of range or not increasing")
     if not np.isfinite(values).all():
         raise CodecError(f"{what}: outlier values hold NaN/inf, which no encoder writes")
@@ -199,7 +201,7 @@ class RotatedIntCodec(IntBlockCodec):
 
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         rows, cols, k, idx_bytes = self._rows(shape)
-        idx = np.frombuffer(raw, f"<u{idx_bytes}", count=rows * k).reshape(rows, k).astype(np.intp)
+        idx = np.frombuffer(raw, f"<u{idx_bytes}", count=rows * k).reshape(rows, k)  # widened per batch
         values = np.frombuffer(raw, "<f2", count=rows * k, offset=rows * k * idx_bytes).reshape(rows, k)
         check_outliers(idx, values, cols, self.name)
         body = memoryview(raw)[rows * k * (idx_bytes + 2) :]
@@ -208,7 +210,7 @@ class RotatedIntCodec(IntBlockCodec):
         codes = body[2 * rows * nblocks :]
         if not self.rotated:  # no padding: the inner body is the tensor's own size
             out = self.decode_rows(body[: 2 * rows * nblocks], codes, rows, cols)
-            np.put_along_axis(out, idx, values.astype(np.float32), axis=1)
+            np.put_along_axis(out, idx.astype(np.intp), values.astype(np.float32), axis=1)
             return out.reshape(shape)
         # Rotated rows are padded to whole 64-value blocks: (N, 1) is coded as (N, 64). A batch of
         # rows at a time keeps the padded temporaries a fraction of the tensor; a batch ends on a
@@ -221,6 +223,6 @@ class RotatedIntCodec(IntBlockCodec):
             inner = self.decode_rows(body[2 * a * nblocks : 2 * (a + n) * nblocks],
                                      codes[a * row_code_bytes : (a + n) * row_code_bytes], n, width)
             part = unrotate(inner, cols)
-            np.put_along_axis(part, idx[a : a + n], values[a : a + n].astype(np.float32), axis=1)
+            np.put_along_axis(part, idx[a : a + n].astype(np.intp), values[a : a + n].astype(np.float32), axis=1)
             out[a : a + n] = part
         return out.reshape(shape)
