@@ -270,7 +270,8 @@ def _unzstd(body: memoryview, raw_bytes: int) -> bytes:
     declared = zstandard.frame_content_size(body)
     if declared != raw_bytes:
         raise CodecError(f"zstd frame declares {declared} bytes, the header's shape needs {raw_bytes}")
-    stream = _decompressor().decompressobj()
+    # Small output chunks: the default (128 KiB) is several times a small tensor's own size.
+    stream = _decompressor().decompressobj(write_size=min(max(raw_bytes, 1), 1 << 14))
     raw = stream.decompress(body)  # libzstd stops at the declared size
     if not stream.eof or stream.unused_data or len(raw) != raw_bytes:
         raise CodecError(f"zstd body is not exactly one frame of {raw_bytes} bytes")

@@ -98,11 +98,11 @@ _LUT_LENGTH = np.stack([np.repeat(t.lut_length, 1 << (_LUT_BITS - t.lut_bits)) f
 
 @lru_cache(maxsize=64)
 def _step_table(t: int, width: int) -> np.ndarray:
-    """(2**_LUT_BITS,) int32: bits taken by the code of table t that the lookup bits start, its
-    escape field included for rows of ``width`` values."""
-    esc_bits = _escape_bound(width, t)[1]
-    extra = np.where(_LUT_SYMBOL[t] == TABLES[t].escape, esc_bits, 0)
-    return (_LUT_LENGTH[t].astype(np.int32) + extra).astype(np.int32)
+    """(2**_LUT_BITS,) uint8: bits taken by the code of table t that the lookup bits start, its
+    escape field included for rows of ``width`` values (at most WINDOW: checked at import)."""
+    table = _LUT_LENGTH[t].copy()
+    table[_LUT_SYMBOL[t] == TABLES[t].escape] += np.uint8(_escape_bound(width, t)[1])
+    return table
 
 
 def _escape_bound(width: int, t: int) -> tuple[int, int]:
