@@ -67,6 +67,7 @@ HUGE = (b"\xdb\xff\xff\xff\xffab", b"\xc6\xff\xff\xff\xff\x00", b"\xdd\xff\xff\x
         b"\xc6\x7f\xff\xff\xff" + bytes(64), b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80" + bytes(7))
 TEMPERATURES = (0.0, 0.0, 0.0, 0.7, 1.0, 1e-3, 5e-324, 1e300)  # 5e-324: the smallest float > 0
 TOP_PS, TOP_KS, SEEDS = (1.0, 1.0, 0.9, 5e-324), (0, 0, 1, 5, 2**31 - 1), (0, 1, 2**63 - 1)
+SLOW_CASE_MS = 1000.0  # a decode slower than this (best of 3 runs) is a finding
 CODES = {cls.code for cls in errors._all_error_classes()}  # noqa: SLF001 - the codes a peer may send
 
 
@@ -141,9 +142,20 @@ def _timed(tally: Tally, data: bytes, strategy: str, call: Callable[[], Any],
         if problem:
             tally.add("contract", problem, data)
     ms = (time.perf_counter() - began) * 1e3
+    if ms > SLOW_CASE_MS:  # timed again: on a shared machine one run can stall for a second
+        ms = min(ms, *(_time_ms(call) for _ in range(2)))
     tally.max_case_ms = max(tally.max_case_ms, ms)
-    if ms > 1000:
-        tally.add("slow", f"one case took {ms:.0f} ms", data)
+    if ms > SLOW_CASE_MS:
+        tally.add("slow", f"one case took {ms:.0f} ms (the fastest of 3 runs)", data)
+
+
+def _time_ms(call: Callable[[], Any]) -> float:
+    began = time.perf_counter()
+    try:
+        call()
+    except Exception:  # noqa: BLE001, S110 - only the time matters here; the outcome was recorded
+        pass
+    return (time.perf_counter() - began) * 1e3
 
 
 def _frame_contract(msg: Any) -> str:
@@ -558,6 +570,7 @@ def amplification(limit: float, rows: int = 16384, ec_limit: float = EC_AMPLIFIC
             for values in ("zeros", "gaussian"):
                 x = np.zeros(shape, np.float32) if values == "zeros" else gauss.standard_normal(shape, np.float32)
                 payload = codecs.encode(x, name)
+                codecs.decode(payload)  # one-time costs (lazy numpy imports, table caches) are not per payload
                 tracemalloc.start()
                 try:
                     out = codecs.decode(payload)
