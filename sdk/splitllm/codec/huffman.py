@@ -140,32 +140,36 @@ def tops(packed: np.ndarray, width: int) -> np.ndarray:
     return out.reshape(n_rows, 8 * n_bytes).astype(np.uint16)
 
 
-_CHUNK = 1 << 12  # entries gathered at once while squaring a jump table (32 KiB of int64 temporaries)
+_MIN_CHUNK = 1 << 12  # entries gathered at once while squaring a jump table: at least this, at most 1/8
 
 
 def follow_chains(nxt: np.ndarray, start: np.ndarray, count: int) -> np.ndarray:
     """(R, count) int64: the first ``count`` positions of the chain p -> nxt[r, p] of every row
     r from ``start[r]``, by pointer doubling: log2(count) squarings of the jump table, each
-    gathered in chunks so the only per-position memory is ``nxt`` (R, S) int32 and one copy.
+    gathered in chunks of at most 1/8 of it, so the only per-position memory is ``nxt`` (R, S)
+    int32 and one copy.
 
-    ``nxt`` must map [0, S) into [0, S) (an absorbing last position ends a runaway chain); it is
-    overwritten.
+    ``nxt`` must map [0, S) into [0, S) (an absorbing last position ends a runaway chain) and
+    hold fewer than 2**31 entries; it is overwritten (with flat indices).
     """
     n_rows, size = nxt.shape
+    if nxt.size >= 2**31:
+        raise ConfigError(f"a jump table of {nxt.size} entries does not fit int32 flat indices")
+    base = np.arange(n_rows, dtype=np.int32)[:, None] * np.int32(size)
+    nxt += base  # flat indices: squaring is then one gather, with no per-row offsets
     jump = nxt.reshape(-1)
     spare = np.empty_like(jump)
-    base = (np.arange(n_rows, dtype=np.int64) * size)[:, None]
-    pos = np.repeat(start.astype(np.int64)[:, None], count, axis=1)
+    chunk = max(_MIN_CHUNK, -(-jump.size // 8))
+    pos = np.repeat(start.astype(np.int64)[:, None] + base.astype(np.int64), count, axis=1)
     index = np.arange(count)[None, :]
     for level in range(max(count - 1, 0).bit_length()):
         if level:
-            for a in range(0, jump.size, _CHUNK):
-                b = min(a + _CHUNK, jump.size)
-                row_base = np.arange(a, b, dtype=np.int64) // size * size
-                np.take(jump, jump[a:b] + row_base, out=spare[a:b])
+            for a in range(0, jump.size, chunk):
+                np.take(jump, jump[a : a + chunk], out=spare[a : a + chunk])
             jump, spare = spare, jump
         take = ((index >> level) & 1).astype(bool)
-        np.copyto(pos, jump.take(base + pos), where=take)
+        np.copyto(pos, jump.take(pos), where=take)
+    pos -= base
     return pos
 
 
