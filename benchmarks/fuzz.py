@@ -1,7 +1,8 @@
 """Fuzz the frame decoder, the activation decoder and a live server; report every finding.
 
 Run: ``python benchmarks/fuzz.py [--frames 100000] [--payloads 100000] [--live-frames 2000]
-[--seed 0] [--max-seconds 600] [--bundle DIR]``
+[--session-requests 600] [--seed 0] [--max-seconds 600] [--bundle DIR]``; ``make fuzz-short`` runs a
+short one with a fresh random seed, printed first so a finding can be reproduced.
 
 Contracts checked (docs/protocol.md, codec.decode's docstring):
 
@@ -13,7 +14,11 @@ Contracts checked (docs/protocol.md, codec.decode's docstring):
 - live: a real ``splitllm-server`` (subprocess, tiny bundle) answers every garbage frame with an
   Error frame (or a valid reply) and keeps the connection, never logs an unhandled exception,
   never hangs, frees every session; a real SplitClient generating greedy tokens alongside gets
-  exactly the tokens of an undisturbed run; /healthz still answers afterwards.
+  exactly the tokens of an undisturbed run (and finishes rounds); /healthz still answers
+  afterwards; the server's RSS grows by at most 256 MiB. A session fuzzer drives the paths of
+  plausible sessions: speculative verification (want="tokens"), Plan frames, KVGet/KVPut,
+  Truncate rollbacks, codec switches, and found inputs inside well-formed Runs and KVPuts; every
+  Error frame must carry a known code and a message.
 
 Anything else is a *finding*: printed with a reproducer (hex of the input), exit status 1. The
 generators below are plain functions of a ``random.Random`` so tests/test_fuzz_sample.py reuses them.
@@ -1172,6 +1177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop every phase by then (default 600)")
     p.add_argument("--amplification-limit", type=float, default=16.0,
                    help="largest allowed decode peak / (tensor + payload) bytes (default 16)")
+    p.add_argument("--amplification-rows", type=int, default=16384,
+                   help="values of the column, row and square tensors the memory check decodes (default 16384)")
     p.add_argument("--ec-amplification-limit", type=float, default=EC_AMPLIFICATION_LIMIT,
                    help=f"the same for the ec* codecs (default {EC_AMPLIFICATION_LIMIT:g}; amplification() says why)")
     p.add_argument("--bundle", type=Path, default=None, help="bundle for the live phase (default: export a "
@@ -1186,7 +1193,8 @@ def main(argv: list[str] | None = None) -> int:
     share = lambda f: start + f * args.max_seconds  # noqa: E731 - time budget per offline phase
     frames = fuzz_frames(args.frames, args.seed, min(deadline, share(0.35)))
     payloads = fuzz_payloads(args.payloads, args.seed, min(deadline, share(0.7)))
-    table, amp = amplification(args.amplification_limit, ec_limit=args.ec_amplification_limit)
+    table, amp = amplification(args.amplification_limit, rows=args.amplification_rows,
+                               ec_limit=args.ec_amplification_limit)
     for t in (frames, payloads):
         print_tally(t)
     print(f"\n== codec.decode peak memory / (tensor + payload), limit {args.amplification_limit:g}x "
