@@ -282,9 +282,11 @@ class EntropyCodec(Codec):
 
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         rows, cols, width, *_ = self._layout(shape)
-        out = np.empty((rows, cols), np.float32)
         body = np.frombuffer(raw, np.uint8).reshape(rows, self.row_bytes(cols))
         step = batch_rows(rows, cols, width)
+        if step >= rows:  # one batch: its rows are the tensor
+            return self._decode_rows(body, cols).reshape(shape)
+        out = np.empty((rows, cols), np.float32)
         for a in range(0, rows, step):
             out[a : a + step] = self._decode_rows(body[a : a + step], cols)
         return out.reshape(shape)

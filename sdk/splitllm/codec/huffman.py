@@ -113,14 +113,11 @@ def read_field(bits: np.ndarray, start: int, width: int) -> np.ndarray:
 
 
 def read_codes(bits: np.ndarray, start: int, count: int, width: int) -> np.ndarray:
-    """``count`` consecutive unsigned fields of ``width`` bits from bit ``start`` of every row:
-    (R, count) int64, built one bit plane at a time (temporaries per field, not per bit)."""
+    """``count`` consecutive unsigned fields of ``width`` <= 16 bits from bit ``start`` of every
+    row: (R, count) int64 (int32 temporaries: 4 bytes per bit read)."""
     planes = bits[:, start : start + count * width].reshape(len(bits), count, width)
-    out = np.zeros((len(bits), count), np.int64)
-    for j in range(width):
-        out <<= 1
-        out |= planes[:, :, j]
-    return out
+    weights = np.left_shift(np.int32(1), np.arange(width - 1, -1, -1, dtype=np.int32))
+    return (planes.astype(np.int32) @ weights).astype(np.int64)
 
 
 def tops(packed: np.ndarray, width: int) -> np.ndarray:

@@ -51,6 +51,7 @@ BLOCK = 64
 ROTATION_SEED = 0x53504C49  # "SPLI"; changing it changes every rotated codec's format
 MAX_ROW_VALUES = 2**18  # longest row a rotated codec takes: hidden sizes and vocabularies fit
 BATCH_VALUES = 1 << 14  # padded values a rotated or entropy-coded decoder handles at once
+_UNPADDED_BATCH_VALUES = 1 << 16  # the same for rows that padding does not double
 
 
 def _splitmix64(seed: int, count: int) -> np.ndarray:
@@ -92,13 +93,15 @@ def _rotation(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def batch_rows(rows: int, cols: int, width: int) -> int:
     """Rows a decoder takes at once for rows of ``cols`` values padded to ``width``.
 
-    Its temporaries are a few dozen bytes per padded value; a batch holds at most
-    :data:`BATCH_VALUES` padded values and at most a quarter of the tensor's own values (an
-    eighth when padding more than doubles a row), so they stay a small fraction of the output
-    even for one-column tensors (padded 64x).
+    Its temporaries are a few dozen bytes per padded value. Rows that padding more than doubles
+    (e.g. one column, padded 64x) go at most :data:`BATCH_VALUES` padded values and an eighth of
+    the tensor's own values at a time, so the temporaries stay a fraction of the output; other
+    rows go 64 Ki values at a time (one batch for a prefill), their temporaries being a few
+    times the output anyway.
     """
-    share = 4 if width <= 2 * cols else 8  # padded rows: their temporaries outgrow the output
-    return max(1, min(BATCH_VALUES, rows * cols // share) // max(width, 1))
+    if width <= 2 * cols:  # temporaries a few times the output: batches only bound the absolute size
+        return max(1, max(BATCH_VALUES, _UNPADDED_BATCH_VALUES) // max(width, 1))
+    return max(1, min(BATCH_VALUES, rows * cols // 8) // max(width, 1))
 
 
 def padded_width(cols: int) -> int:
@@ -215,8 +218,8 @@ class RotatedIntCodec(IntBlockCodec):
         # Rotated rows are padded to whole 64-value blocks: (N, 1) is coded as (N, 64). A batch of
         # rows at a time keeps the padded temporaries a fraction of the tensor; a batch ends on a
         # byte boundary because ``width * bits`` is a multiple of 64 bits.
-        out = np.empty((rows, cols), np.float32)
         step = batch_rows(rows, cols, width)
+        batched: np.ndarray | None = np.empty((rows, cols), np.float32) if step < rows else None
         row_code_bytes = width * self.bits // 8
         for a in range(0, rows, step):
             n = min(step, rows - a)
@@ -224,5 +227,7 @@ class RotatedIntCodec(IntBlockCodec):
                                      codes[a * row_code_bytes : (a + n) * row_code_bytes], n, width)
             part = unrotate(inner, cols)
             np.put_along_axis(part, idx[a : a + n].astype(np.intp), values[a : a + n].astype(np.float32), axis=1)
-            out[a : a + n] = part
-        return out.reshape(shape)
+            if batched is None:  # one batch: its rows are the tensor
+                return part.reshape(shape)
+            batched[a : a + n] = part
+        return np.asarray(batched).reshape(shape)
