@@ -62,3 +62,11 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) bundles .cache
+
+# A short fuzz (a minute or two) with a fresh random seed, printed first so a finding can be
+# reproduced with `python benchmarks/fuzz.py --seed N ...`; exits non-zero on a finding.
+.PHONY: fuzz-short
+fuzz-short: venv
+	@seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); echo "fuzz-short seed: $$seed"; \
+	$(PY) benchmarks/fuzz.py --seed $$seed --frames 5000 --payloads 5000 --live-frames 300 \
+	  --session-requests 150 --plan-requests 30 --amplification-rows 4096 --max-seconds 150

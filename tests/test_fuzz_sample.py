@@ -57,27 +57,24 @@ async def test_live_garbage_leaves_a_generating_client_alone(tiny_export, start_
     server = await start_server(path, intra_op_threads=1)
     with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
         live = await fuzz.live_phase(server.url, path, _model(Bundle.open(path)), frames=300, seed=3,
-                                     deadline=time.monotonic() + 60, attackers=2, tokens=8)
+                                     deadline=time.monotonic() + 60, attackers=2, tokens=8, session_requests=120)
     raised = [f"{type(r.exc_info[1]).__name__}: {r.exc_info[1]}" for r in caplog.records if r.exc_info]
     assert not _unknown(raised)
     # Known findings drop the attacker's connection; nothing else may happen to anyone.
     drops = sum(f.count for f in live.findings if f.kind == "dropped")
     assert drops <= len(raised)
     assert not [f.show() for f in live.findings if f.kind != "dropped"]
-    assert live.frames >= 300 and live.rounds >= 1
+    assert live.frames >= 300 + 120 and live.rounds >= 1
     assert server.state.metrics.errors["bad_frame"] > 0
+    # The session fuzzer reached the paths it is for: speculative verification, a split run
+    # with a codec switch, a KV move and a Plan on the session.
+    reached = {key.split(":")[0] for key, n in live.replies.items() if n and ":" in key}
+    assert {"verify", "split_tail", "kv_put", "plan"} <= reached, sorted(live.replies)
 
 
 def test_deeply_nested_frame_is_a_frame_error():
     with pytest.raises(errors.FrameError):
         wire.unpack(b"\x91" * 1000 + b"\xc0")
-
-
-@pytest.mark.xfail(strict=True, reason="F2: rotated (hadamard-*) and entropy-coded (ec*) codecs decode each row "
-                                        "through whole 64-value blocks, so a (N, 1) tensor passes through (N, 64)")
-def test_block_codec_decode_memory_stays_near_the_tensor_size():
-    _, tally = fuzz.amplification(limit=16.0, rows=4096)
-    assert not tally.findings
 
 
 def test_int_block_codecs_decode_without_expanding_short_rows():

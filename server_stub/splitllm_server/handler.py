@@ -91,7 +91,10 @@ class Connection:
                 metrics.observe_ttft(time.perf_counter() - arrived)
         elif isinstance(msg, wire.Error):
             self._prompt_at.pop(msg.seq, None)
-        await self.ws.send_bytes(data)
+        try:
+            await self.ws.send_bytes(data)
+        except ConnectionResetError:  # the client left while its request ran: nobody to answer
+            log.info("client gone before its %s could be sent", type(msg).__name__)
 
     def _handshake_expired(self) -> None:
         """The handshake deadline passed: a connection still without a session is closed."""

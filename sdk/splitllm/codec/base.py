@@ -112,7 +112,20 @@ class Codec(ABC):
 
     @abstractmethod
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-        """New float32 array of ``shape`` from a body of exactly ``raw_size(shape)`` bytes."""
+        """New float32 array of ``shape`` from a body of exactly ``raw_size(shape)`` bytes.
+
+        Called only for a non-empty ``shape`` that passed :meth:`check_shape`, so every row count
+        and row length is at most the element count; what the body's own fields size (scales,
+        codes, outlier indices, entropy-coder state) the decoder checks before it uses them.
+        """
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """CodecError if this codec cannot hold ``shape``, before anything is allocated.
+
+        Codecs whose decode work grows with the row length (rotation, entropy coding) refuse
+        rows beyond their limit here; the base codec takes every shape.
+        """
+        del shape  # every shape is fine for a codec whose work is its element count
 
     def encoded_size(self, shape: Sequence[int]) -> int:
         """Bytes of ``encode(x)`` for ``x.shape == shape``, header included.
@@ -238,6 +251,7 @@ def _parse(payload: bytes, max_elements: int | None) -> tuple[Codec, PayloadHead
     elements = math.prod(shape)
     if elements > max_elements:
         raise CodecError(f"{codec.name}: shape {shape} has {elements} elements, limit is {max_elements}")
+    codec.check_shape(shape)
     got = len(buf) - header_bytes
     if got < body_bytes:
         raise CodecError(f"truncated payload: header says {body_bytes} body bytes, got {got}")
@@ -256,7 +270,8 @@ def _unzstd(body: memoryview, raw_bytes: int) -> bytes:
     declared = zstandard.frame_content_size(body)
     if declared != raw_bytes:
         raise CodecError(f"zstd frame declares {declared} bytes, the header's shape needs {raw_bytes}")
-    stream = _decompressor().decompressobj()
+    # Small output chunks: the default (128 KiB) is several times a small tensor's own size.
+    stream = _decompressor().decompressobj(write_size=min(max(raw_bytes, 1), 1 << 14))
     raw = stream.decompress(body)  # libzstd stops at the declared size
     if not stream.eof or stream.unused_data or len(raw) != raw_bytes:
         raise CodecError(f"zstd body is not exactly one frame of {raw_bytes} bytes")
@@ -287,6 +302,10 @@ def decode_payload(payload: bytes, max_elements: int | None = None, expect: Code
         if expect is not None and codec.name != expect.name:
             raise CodecError(f"payload is encoded with {codec.name}, expected {expect.name}")
         raw = _unzstd(body, codec.raw_size(header.shape)) if codec.zstd_level is not None else body
+        if math.prod(header.shape) == 0:
+            # Nothing to decode, and the other dims may be huge: (2**32 - 1, 0) has 2**32 - 1
+            # rows, and a decoder that sized anything by its rows would allocate for all of them.
+            return np.zeros(header.shape, np.float32)
         return codec._decode_raw(raw, header.shape)
 
 

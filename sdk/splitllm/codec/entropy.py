@@ -50,12 +50,23 @@ budget): m = min(8, bits left / P) bits per value, step 2 zmax / 2**m, codes flo
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
 from splitllm.codec.base import F16_MAX, Codec
-from splitllm.codec.huffman import WINDOW, BitFields, binomial_table, read_field, windows
+from splitllm.codec.huffman import (
+    WINDOW,
+    BitFields,
+    binomial_table,
+    follow_chains,
+    read_codes,
+    read_field,
+    tops,
+    tops_at,
+)
 from splitllm.codec.rotate import (
+    batch_rows,
     check_outliers,
     check_row,
     padded_width,
@@ -72,6 +83,7 @@ _BINOMIAL_N = (17, 23, 33, 45)
 _MAX_B = 15
 _KIND_FALLBACK = 4
 _VALUES_PER_BATCH = 1 << 14  # rows are coded in batches of about this many values (memory)
+_LOOKUP_CHUNK = 1 << 15  # bit positions looked up at once while building a batch's chain
 MAX_ROW_VALUES = 1 << 16  # longer rows are refused: one row's decoder temporaries stay ~20 MiB
 
 
@@ -82,6 +94,15 @@ if _LUT_BITS + (2 * math.ceil(math.sqrt(MAX_ROW_VALUES) * SIGMAS[-1]) + 3).bit_l
 # Every table's lookup widened to _LUT_BITS index bits, stacked: (4, 2**_LUT_BITS)
 _LUT_SYMBOL = np.stack([np.repeat(t.lut_symbol, 1 << (_LUT_BITS - t.lut_bits)) for t in TABLES])
 _LUT_LENGTH = np.stack([np.repeat(t.lut_length, 1 << (_LUT_BITS - t.lut_bits)) for t in TABLES])
+
+
+@lru_cache(maxsize=64)
+def _step_table(t: int, width: int) -> np.ndarray:
+    """(2**_LUT_BITS,) uint8: bits taken by the code of table t that the lookup bits start, its
+    escape field included for rows of ``width`` values (at most WINDOW: checked at import)."""
+    table = _LUT_LENGTH[t].copy()
+    table[_LUT_SYMBOL[t] == TABLES[t].escape] += np.uint8(_escape_bound(width, t)[1])
+    return table
 
 
 def _escape_bound(width: int, t: int) -> tuple[int, int]:
@@ -256,54 +277,72 @@ class EntropyCodec(Codec):
 
     # ------------------------------------------------------------------ decode
 
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        check_row(shape[-1] if shape else 1, self.name, MAX_ROW_VALUES)
+
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         rows, cols, width, *_ = self._layout(shape)
-        check_row(cols, self.name, MAX_ROW_VALUES)
-        out = np.zeros((rows, cols), np.float32)
-        if rows == 0 or cols == 0:
-            return out.reshape(shape)
         body = np.frombuffer(raw, np.uint8).reshape(rows, self.row_bytes(cols))
-        step = self._batch_rows(width)
+        step = batch_rows(rows, cols, width)
+        if step >= rows:  # one batch: its rows are the tensor
+            return self._decode_rows(body, cols).reshape(shape)
+        out = np.empty((rows, cols), np.float32)
         for a in range(0, rows, step):
-            out[a : a + step] = self._decode_rows(np.unpackbits(body[a : a + step], axis=1), cols)
+            out[a : a + step] = self._decode_rows(body[a : a + step], cols)
         return out.reshape(shape)
 
-    def _decode_rows(self, bits: np.ndarray, cols: int) -> np.ndarray:
-        """Rows (R, C) float32 from their body bits (R, row_bits)."""
+    def _decode_rows(self, packed: np.ndarray, cols: int) -> np.ndarray:
+        """Rows (R, C) float32 from their packed bodies (R, row_bytes)."""
+        bits = np.unpackbits(packed, axis=1)
         rows, row_bits = bits.shape
         _, _, width, k, idx_bits = self._layout((cols,))
         kind = read_field(bits, 0, 3)
         if (kind > _KIND_FALLBACK).any():
             raise CodecError(f"{self.name}: row kind {int(kind.max())} is not 0..4")
-        z = np.zeros((rows, width), np.float64)
+        z: np.ndarray | None = None  # (R, P) float64, allocated once the chains are followed
         idx = np.zeros((rows, k), np.intp)
         vals = np.zeros((rows, k), np.float16)
         end = np.zeros(rows, np.int64)  # first bit after the last field, per row
         ec = kind < _KIND_FALLBACK
         for sel, fallback in ((ec, False), (~ec, True)):
             if sel.any():
-                part = bits[sel]
+                every = bool(sel.all())  # the usual case: no copy of the rows' bits
+                part, part_packed = (bits, packed) if every else (bits[sel], packed[sel])
                 side = self._side_bits(k, idx_bits, fallback)
                 start = 39 if fallback else 23
                 for j in range(k):
                     slot = start + j * (idx_bits + 16)
                     idx[sel, j] = read_field(part, slot, idx_bits)
                     vals[sel, j] = read_field(part, slot + idx_bits, 16).astype(np.uint16).view(np.float16)
-                decode = self._decode_fallback if fallback else self._decode_ec
-                z[sel], end[sel] = decode(part, kind[sel], side, width, row_bits)
+                if fallback:
+                    z_sel, end[sel] = self._decode_fallback(part, side, width, row_bits)
+                else:
+                    z_sel, end[sel] = self._decode_ec(part, part_packed, kind[sel], side, width)
+                del part, part_packed
+                if every:
+                    z = z_sel
+                else:
+                    z = np.zeros((rows, width), np.float64) if z is None else z
+                    z[sel] = z_sel
         check_outliers(idx, vals, cols, self.name)
-        if (bits * (np.arange(row_bits)[None, :] >= end[:, None])).any():
+        reverse = bits[:, ::-1]  # the last 1 bit of every row must come before its end
+        if (reverse.any(axis=1) & (row_bits - 1 - reverse.argmax(axis=1) >= end)).any():
             raise CodecError(f"{self.name}: padding bits after the last code are not zero")
+        del bits, reverse
+        if z is None:  # every row is ec or fallback and a batch has rows: never taken
+            raise CodecError(f"{self.name}: internal error, no row decoded")
         out = unrotate(z.astype(np.float32), cols)
         np.put_along_axis(out, idx, vals.astype(np.float32), axis=1)
         if not np.isfinite(out).all():
             raise CodecError(f"{self.name}: decoded values overflow float32")
         return out
 
-    def _decode_ec(self, bits: np.ndarray, t_r: np.ndarray, side: int, width: int, row_bits: int
+    def _decode_ec(self, bits: np.ndarray, packed: np.ndarray, t_r: np.ndarray, side: int, width: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rotated rows (n, P) and end bit (n,) of entropy-coded rows ``bits`` (n, row_bits)."""
-        n = len(bits)
+        """Rotated rows (n, P) and end bit (n,) of entropy-coded rows ``bits`` (n, row_bits), whose
+        packed bytes are ``packed``. Every field that sizes work is checked before it is used:
+        b against the row, each code's end against the row, escapes against the table's range."""
+        n, row_bits = bits.shape
         b_r = read_field(bits, 3, 4)
         r16 = read_field(bits, 7, 16).astype(np.uint16)
         if (r16 >= 0x7C00).any():  # sign bit set, inf or NaN
@@ -311,51 +350,45 @@ class EntropyCodec(Codec):
         start = side + width * b_r  # (n,) where the Huffman codes begin
         if (start > row_bits).any():
             raise CodecError(f"{self.name}: {int(b_r.max())} low bits per value do not fit the row")
-        lows = np.zeros((n, width), np.int64)
-        for b in np.unique(b_r):
-            sel = b_r == b
-            if b:
-                seg = bits[sel, side : side + width * int(b)].reshape(-1, width, int(b)).astype(np.int64)
-                lows[sel] = seg @ np.left_shift(np.int64(1), np.arange(int(b) - 1, -1, -1, dtype=np.int64))
-
-        # Per row and bit position: the symbol of a code starting there and where it ends.
-        win = windows(bits)  # (n, row_bits) uint64, freed at once: the big temporary
-        top = (win >> np.uint64(WINDOW - _LUT_BITS)).astype(np.int32)
-        del win
-        sym = _LUT_SYMBOL[t_r[:, None], top]  # (n, row_bits) int32
-        bounds = np.array([_escape_bound(width, t) for t in range(len(TABLES))])[t_r]  # (n, 2): hb, E
-        escape = np.array([t.escape for t in TABLES], np.int32)[t_r][:, None]
-        step = _LUT_LENGTH[t_r[:, None], top].astype(np.int32)
-        del top
-        step += np.where(sym == escape, bounds[:, 1:].astype(np.int32), np.int32(0))
-
-        # Follow the chain of codes from `start` for P steps by pointer doubling.
+        # Per row and bit position: where a code starting there ends (the chain's next link).
+        top = tops(packed, _LUT_BITS)  # (n, row_bits) uint16
         sentinel = row_bits + WINDOW  # absorbing: a chain that runs off the row stays there
         nxt = np.full((n, sentinel + 1), sentinel, np.int32)
-        nxt[:, :row_bits] = np.minimum(np.arange(row_bits, dtype=np.int32)[None, :] + step, sentinel)
-        flat_base = (np.arange(n) * (sentinel + 1))[:, None]
-        pos = np.repeat(start[:, None], width, axis=1)  # (n, P): position of code i
-        count = np.arange(width)[None, :]
-        jump = nxt
-        for level in range(max(width - 1, 0).bit_length()):
-            if level:
-                jump = np.take_along_axis(jump, jump, axis=1)
-            take = ((count >> level) & 1).astype(bool)
-            pos = np.where(take, np.take(jump.reshape(-1), flat_base + pos), pos)
-        del nxt, jump
+        for t in np.unique(t_r):
+            rows_t = np.flatnonzero(t_r == t)
+            table = _step_table(int(t), width)
+            for a in range(0, len(rows_t), max(1, _LOOKUP_CHUNK // row_bits)):  # bounds the int64 index copy
+                part = rows_t[a : a + max(1, _LOOKUP_CHUNK // row_bits)]
+                nxt[part, :row_bits] = table.take(top[part])
+        del top
+        nxt[:, :row_bits] += np.arange(row_bits, dtype=np.int32)  # <= row_bits - 1 + WINDOW < sentinel
+        pos = follow_chains(nxt, start, width)  # (n, P): where code i starts
+        del nxt
         last = pos[:, -1]
         if (last >= row_bits).any():
             raise CodecError(f"{self.name}: Huffman codes run past the end of the row")
-        end = last + np.take_along_axis(step, last[:, None], axis=1)[:, 0]
+        top_at = tops_at(packed, pos, _LUT_BITS)  # (n, P): the lookup bits of every code
+        lows = np.zeros((n, width), np.int64)
+        for b in np.unique(b_r):
+            if b:
+                sel = b_r == b
+                lows[sel] = read_codes(bits[sel], side, width, int(b))
+        code = _LUT_SYMBOL[t_r[:, None], top_at].astype(np.int64)  # (n, P)
+        step_at = np.zeros(pos.shape, np.int64)
+        for t in np.unique(t_r):
+            sel = t_r == t
+            step_at[sel] = _step_table(int(t), width)[top_at[sel]]
+        end = last + step_at[:, -1]
         if (end > row_bits).any():
             raise CodecError(f"{self.name}: Huffman codes run past the end of the row")
-        code = np.take_along_axis(sym, pos, axis=1).astype(np.int64)  # (n, P)
+        bounds = np.array([_escape_bound(width, t) for t in range(len(TABLES))])[t_r]  # (n, 2): hb, E
+        escape = np.array([t.escape for t in TABLES], np.int64)[t_r][:, None]
         half = np.array([t.half for t in TABLES])[t_r][:, None]
         h = code - half
         er, ec = np.nonzero(code == escape)  # escaped values: read their E-bit fields
         if er.size:
             esc_bits = bounds[er, 1]
-            at = pos[er, ec] + np.take_along_axis(step, pos, axis=1)[er, ec] - esc_bits  # field start
+            at = pos[er, ec] + step_at[er, ec] - esc_bits  # field start
             j = np.arange(int(esc_bits.max()))[None, :]
             raw_bits = np.where(j < esc_bits[:, None], bits[er[:, None], np.minimum(at[:, None] + j, row_bits - 1)], 0)
             field = (raw_bits.astype(np.int64) << np.maximum(esc_bits[:, None] - 1 - j, 0)).sum(axis=1)
@@ -374,9 +407,9 @@ class EntropyCodec(Codec):
         qf = (((h << b_r[:, None]) | lows) << 1) + np.where(refined, refine_bit, 1)  # the fine code, or the mid
         return (qf + np.where(refined, 0.5, 0.0)) * scale[:, None], end + extra
 
-    def _decode_fallback(self, bits: np.ndarray, kind: np.ndarray, side: int, width: int, row_bits: int
+    def _decode_fallback(self, bits: np.ndarray, side: int, width: int, row_bits: int
                          ) -> tuple[np.ndarray, np.ndarray]:
-        del kind
+        """Rotated rows (n, P) and end bit (n,) of fixed-rate fallback rows ``bits`` (n, row_bits)."""
         m = read_field(bits, 3, 4) + 1
         zmax = read_field(bits, 7, 32).astype(np.uint32).view(np.float32)
         if not (np.isfinite(zmax) & (zmax >= 0)).all():
@@ -387,8 +420,7 @@ class EntropyCodec(Codec):
         z = np.zeros((len(bits), width), np.float64)
         for mm in np.unique(m):
             sel = m == mm
-            seg = bits[sel, side : side + width * int(mm)].reshape(-1, width, int(mm)).astype(np.int64)
-            codes = seg @ np.left_shift(np.int64(1), np.arange(int(mm) - 1, -1, -1, dtype=np.int64))
+            codes = read_codes(bits[sel], side, width, int(mm))
             step = 2 * zmax[sel].astype(np.float64) / 2.0**mm
             z[sel] = (codes - 2 ** (int(mm) - 1) + 0.5) * step[:, None]
         return z, end

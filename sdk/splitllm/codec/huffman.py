@@ -17,7 +17,11 @@ import numpy as np
 
 from splitllm.errors import CodecError, ConfigError
 
-__all__ = ["WINDOW", "BitFields", "HuffmanTable", "binomial_table", "read_field", "windows", "write_fields"]
+__all__ = [
+    "WINDOW", "BitFields", "HuffmanTable", "binomial_table", "follow_chains", "read_codes", "read_field", "tops",
+    "tops_at",
+    "write_fields",
+]
 
 WINDOW = 32  # bits a decoder looks at per position: the longest code + the longest escape field
 _FLOOR_SHIFT = 12  # every symbol has weight >= 2**-12 of the binomial total: codes stay short
@@ -108,16 +112,74 @@ def read_field(bits: np.ndarray, start: int, width: int) -> np.ndarray:
     return bits[:, start : start + width].astype(np.int64) @ weights
 
 
-def windows(bits: np.ndarray) -> np.ndarray:
-    """(R, W) uint64: the WINDOW bits starting at every bit position (zeros past the row)."""
-    n_rows, row_bits = bits.shape
-    packed = np.packbits(np.concatenate([bits, np.zeros((n_rows, 48), np.uint8)], axis=1), axis=1)
-    wide = np.zeros((n_rows, row_bits // 8 + 1), np.uint64)  # 40 bits from each byte on
-    for i in range(5):
-        wide = (wide << np.uint64(8)) | packed[:, i : i + row_bits // 8 + 1].astype(np.uint64)
-    pos = np.arange(row_bits)
-    shift = (8 - (pos & 7)).astype(np.uint64)
-    return (wide[:, pos >> 3] >> shift) & np.uint64(2**WINDOW - 1)
+def read_codes(bits: np.ndarray, start: int, count: int, width: int) -> np.ndarray:
+    """``count`` consecutive unsigned fields of ``width`` <= 16 bits from bit ``start`` of every
+    row: (R, count) int64 (int32 temporaries: 4 bytes per bit read)."""
+    planes = bits[:, start : start + count * width].reshape(len(bits), count, width)
+    weights = np.left_shift(np.int32(1), np.arange(width - 1, -1, -1, dtype=np.int32))
+    return (planes.astype(np.int32) @ weights).astype(np.int64)
+
+
+def tops(packed: np.ndarray, width: int) -> np.ndarray:
+    """(R, 8 * B) uint16: the ``width`` <= 16 bits starting at every bit position of rows of B
+    packed bytes (R, B), MSB first, zeros past the row; about 6 bytes of temporaries per bit."""
+    if not 1 <= width <= 16:
+        raise ConfigError(f"tops reads 1..16 bits per position, asked for {width}")
+    n_rows, n_bytes = packed.shape
+    padded = np.zeros((n_rows, n_bytes + 2), np.uint32)
+    padded[:, :n_bytes] = packed
+    word = (padded[:, :n_bytes] << 16) | (padded[:, 1 : n_bytes + 1] << 8) | padded[:, 2:]  # 24 bits per byte
+    del padded
+    out = np.repeat(word, 8, axis=1).reshape(n_rows, n_bytes, 8)  # (R, B, 8) uint32
+    del word
+    out >>= (24 - width - np.arange(8)).astype(np.uint32)
+    out &= np.uint32((1 << width) - 1)
+    return out.reshape(n_rows, 8 * n_bytes).astype(np.uint16)
+
+
+_MIN_CHUNK = 1 << 12  # entries gathered at once while squaring a jump table: at least this, at most 1/8
+
+
+def follow_chains(nxt: np.ndarray, start: np.ndarray, count: int) -> np.ndarray:
+    """(R, count) int64: the first ``count`` positions of the chain p -> nxt[r, p] of every row
+    r from ``start[r]``, by pointer doubling: log2(count) squarings of the jump table, each
+    gathered in chunks of at most 1/8 of it, so the only per-position memory is ``nxt`` (R, S)
+    int32 and one copy.
+
+    ``nxt`` must map [0, S) into [0, S) (an absorbing last position ends a runaway chain) and
+    hold fewer than 2**31 entries; it is overwritten (with flat indices).
+    """
+    n_rows, size = nxt.shape
+    if nxt.size >= 2**31:
+        raise ConfigError(f"a jump table of {nxt.size} entries does not fit int32 flat indices")
+    base = np.arange(n_rows, dtype=np.int32)[:, None] * np.int32(size)
+    nxt += base  # flat indices: squaring is then one gather, with no per-row offsets
+    jump = nxt.reshape(-1)
+    spare = np.empty_like(jump)
+    chunk = max(_MIN_CHUNK, -(-jump.size // 8))
+    pos = np.repeat(start.astype(np.int64)[:, None] + base.astype(np.int64), count, axis=1)
+    index = np.arange(count)[None, :]
+    for level in range(max(count - 1, 0).bit_length()):
+        if level:
+            for a in range(0, jump.size, chunk):
+                np.take(jump, jump[a : a + chunk], out=spare[a : a + chunk])
+            jump, spare = spare, jump
+        take = ((index >> level) & 1).astype(bool)
+        np.copyto(pos, jump.take(pos), where=take)
+    pos -= base
+    return pos
+
+
+def tops_at(packed: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
+    """(R, K) int64: the ``width`` <= 16 bits at bit positions ``pos`` (R, K) of rows of packed
+    bytes (R, B), as :func:`tops` gives them for every position, without building all of them."""
+    n_rows, n_bytes = packed.shape
+    padded = np.zeros((n_rows, n_bytes + 2), np.int64)
+    padded[:, :n_bytes] = packed
+    byte = pos >> 3
+    word = (np.take_along_axis(padded, byte, axis=1) << 16) | (np.take_along_axis(padded, byte + 1, axis=1) << 8)
+    word |= np.take_along_axis(padded, byte + 2, axis=1)
+    return (word >> (24 - width - (pos & 7))) & ((1 << width) - 1)
 
 
 class BitFields:

@@ -34,9 +34,11 @@ from splitllm.errors import CodecError, ConfigError
 
 __all__ = [
     "BLOCK",
+    "BATCH_VALUES",
     "MAX_ROW_VALUES",
     "ROTATION_SEED",
     "RotatedIntCodec",
+    "batch_rows",
     "check_outliers",
     "check_row",
     "padded_width",
@@ -48,6 +50,8 @@ __all__ = [
 BLOCK = 64
 ROTATION_SEED = 0x53504C49  # "SPLI"; changing it changes every rotated codec's format
 MAX_ROW_VALUES = 2**18  # longest row a rotated codec takes: hidden sizes and vocabularies fit
+BATCH_VALUES = 1 << 14  # padded values a rotated or entropy-coded decoder handles at once
+_UNPADDED_BATCH_VALUES = 1 << 16  # the same for rows that padding does not double
 
 
 def _splitmix64(seed: int, count: int) -> np.ndarray:
@@ -84,6 +88,20 @@ def _rotation(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(width)
     return order, inverse, signs
+
+
+def batch_rows(rows: int, cols: int, width: int) -> int:
+    """Rows a decoder takes at once for rows of ``cols`` values padded to ``width``.
+
+    Its temporaries are a few dozen bytes per padded value. Rows that padding more than doubles
+    (e.g. one column, padded 64x) go at most :data:`BATCH_VALUES` padded values and an eighth of
+    the tensor's own values at a time, so the temporaries stay a fraction of the output; other
+    rows go 64 Ki values at a time (one batch for a prefill), their temporaries being a few
+    times the output anyway.
+    """
+    if width <= 2 * cols:  # temporaries a few times the output: batches only bound the absolute size
+        return max(1, max(BATCH_VALUES, _UNPADDED_BATCH_VALUES) // max(width, 1))
+    return max(1, min(BATCH_VALUES, rows * cols // 8) // max(width, 1))
 
 
 def padded_width(cols: int) -> int:
@@ -135,7 +153,7 @@ def split_outliers(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np
 
 def check_outliers(idx: np.ndarray, values: np.ndarray, cols: int, what: str) -> None:
     """CodecError unless indices (R, k) are increasing and < cols and values (R, k) are finite."""
-    if idx.size and (int(idx.max()) >= cols or (idx.shape[1] > 1 and (np.diff(idx, axis=1) <= 0).any())):
+    if idx.size and (int(idx.max()) >= cols or (idx[:, 1:] <= idx[:, :-1]).any()):  # unsigned-safe
         raise CodecError(f"{what}: outlier indices out of range or not increasing")
     if not np.isfinite(values).all():
         raise CodecError(f"{what}: outlier values hold NaN/inf, which no encoder writes")
@@ -181,13 +199,35 @@ class RotatedIntCodec(IntBlockCodec):
         head = idx.astype(f"<u{idx_bytes}").tobytes() + values.astype("<f2").tobytes()
         return head + super()._encode_raw(np.ascontiguousarray(inner))
 
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        check_row(shape[-1] if shape else 1, self.name)
+
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         rows, cols, k, idx_bytes = self._rows(shape)
-        check_row(cols, self.name)
-        idx = np.frombuffer(raw, f"<u{idx_bytes}", count=rows * k).reshape(rows, k).astype(np.intp)
+        idx = np.frombuffer(raw, f"<u{idx_bytes}", count=rows * k).reshape(rows, k)  # widened per batch
         values = np.frombuffer(raw, "<f2", count=rows * k, offset=rows * k * idx_bytes).reshape(rows, k)
         check_outliers(idx, values, cols, self.name)
-        inner = super()._decode_raw(memoryview(raw)[rows * k * (idx_bytes + 2) :], self._inner_shape(rows, cols))
-        out = unrotate(inner, cols) if self.rotated else inner
-        np.put_along_axis(out, idx, values.astype(np.float32), axis=1)
-        return out.reshape(shape)
+        body = memoryview(raw)[rows * k * (idx_bytes + 2) :]
+        _, width = self._inner_shape(rows, cols)
+        nblocks = -(-width // self.block)
+        codes = body[2 * rows * nblocks :]
+        if not self.rotated:  # no padding: the inner body is the tensor's own size
+            out = self.decode_rows(body[: 2 * rows * nblocks], codes, rows, cols)
+            np.put_along_axis(out, idx.astype(np.intp), values.astype(np.float32), axis=1)
+            return out.reshape(shape)
+        # Rotated rows are padded to whole 64-value blocks: (N, 1) is coded as (N, 64). A batch of
+        # rows at a time keeps the padded temporaries a fraction of the tensor; a batch ends on a
+        # byte boundary because ``width * bits`` is a multiple of 64 bits.
+        step = batch_rows(rows, cols, width)
+        batched: np.ndarray | None = np.empty((rows, cols), np.float32) if step < rows else None
+        row_code_bytes = width * self.bits // 8
+        for a in range(0, rows, step):
+            n = min(step, rows - a)
+            inner = self.decode_rows(body[2 * a * nblocks : 2 * (a + n) * nblocks],
+                                     codes[a * row_code_bytes : (a + n) * row_code_bytes], n, width)
+            part = unrotate(inner, cols)
+            np.put_along_axis(part, idx[a : a + n].astype(np.intp), values[a : a + n].astype(np.float32), axis=1)
+            if batched is None:  # one batch: its rows are the tensor
+                return part.reshape(shape)
+            batched[a : a + n] = part
+        return np.asarray(batched).reshape(shape)

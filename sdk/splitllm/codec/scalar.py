@@ -114,18 +114,29 @@ class IntBlockCodec(Codec):
 
     def _decode_raw(self, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         rows, cols, nblocks = self._layout(shape)
-        half = np.frombuffer(raw, "<f2", count=rows * nblocks)
+        scales = memoryview(raw)[: 2 * rows * nblocks]
+        return self.decode_rows(scales, memoryview(raw)[2 * rows * nblocks :], rows, cols).reshape(shape)
+
+    def decode_rows(self, scales: bytes | memoryview, codes: bytes | memoryview, rows: int, cols: int) -> np.ndarray:
+        """(rows, cols) float32 from their ``rows * blocks`` float16 scales and packed codes.
+
+        ``codes`` holds exactly ``ceil(rows * cols * bits / 8)`` bytes, so a caller may decode a
+        body a batch of rows at a time wherever a batch ends on a byte boundary. CodecError for
+        a NaN/inf/negative scale, a code beyond ``2 * qmax`` or nonzero padding bits.
+        """
+        nblocks = -(-cols // self.block)
+        half = np.frombuffer(scales, "<f2", count=rows * nblocks)
         if not (half.view("<u2") < 0x7C00).all():  # sign bit clear, exponent not all ones
             raise CodecError(f"{self.name}: corrupt block scales (NaN, inf or negative)")
-        codes = unpack_codes(memoryview(raw)[2 * rows * nblocks :], rows * cols, self.bits)
-        if codes.size and int(codes.max()) > 2 * self.qmax:
-            raise CodecError(f"{self.name}: code {int(codes.max())} out of range [0, {2 * self.qmax}]")
-        values = self._levels.take(codes).reshape(rows, cols)  # (R, C) code -> code - qmax
+        codes_u8 = unpack_codes(codes, rows * cols, self.bits)
+        if codes_u8.size and int(codes_u8.max()) > 2 * self.qmax:
+            raise CodecError(f"{self.name}: code {int(codes_u8.max())} out of range [0, {2 * self.qmax}]")
+        values = self._levels.take(codes_u8).reshape(rows, cols)  # (R, C) code -> code - qmax
         # One scale per value, exactly C columns: the last block may be short, and a row shorter
         # than a block must not be expanded to a whole block (a (N, 1) tensor would grow 64x).
         if values.size == 0:  # no values: do not build a per-block table for a 0-row shape
-            return values.reshape(shape)
+            return values
         counts = np.full(nblocks, self.block, dtype=np.int64)
         counts[-1] = cols - (nblocks - 1) * self.block
         values *= np.repeat(half.astype(np.float32).reshape(rows, nblocks), counts, axis=1)
-        return values.reshape(shape)
+        return values
