@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 MODEL  ?= smollm2
 
-.PHONY: demo test test-stress venv lint clean models llama-cpp
+.PHONY: demo test test-stress venv lint clean models llama-cpp fuzz-short
 
 venv: $(STAMP)
 
@@ -65,7 +65,6 @@ clean:
 
 # A short fuzz (a minute or two) with a fresh random seed, printed first so a finding can be
 # reproduced with `python benchmarks/fuzz.py --seed N ...`; exits non-zero on a finding.
-.PHONY: fuzz-short
 fuzz-short: venv
 	@seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); echo "fuzz-short seed: $$seed"; \
 	$(PY) benchmarks/fuzz.py --seed $$seed --frames 5000 --payloads 5000 --live-frames 300 \

@@ -52,9 +52,8 @@ import msgpack
 import numpy as np
 import zstandard
 
+from splitllm import SplitClient, errors
 from splitllm import codec as codecs
-from splitllm import errors
-from splitllm.client import SplitClient
 from splitllm.errors import SplitLLMError
 from splitllm.protocol import wire
 from splitllm.protocol.payload import encode_run_input
@@ -1064,7 +1063,7 @@ RSS_GROWTH_LIMIT_BYTES = 256 * 2**20  # server RSS growth over the live phase th
 
 def run_live(bundle: Path | None, frames: int, seed: int, deadline: float, plan_requests: int = 0,
              session_requests: int = 0) -> tuple[Live, dict]:
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle
 
     with tempfile.TemporaryDirectory(prefix="splitllm-fuzz-") as tmp:
         if bundle is None:
@@ -1096,7 +1095,7 @@ def server_bomb(bundle: Path, limit: float) -> tuple[dict, list[Finding]]:
     """One Run of max_context positions whose payload is an int8-block128+zstd column of the
     same element count: a legal element count, so the server decodes it before it checks the
     shape. Measures the server's peak RSS growth and how long a /healthz sent alongside waits."""
-    from splitllm.model.bundle import Bundle
+    from splitllm import Bundle
 
     b = Bundle.open(bundle, verify=False)
     n, hidden = b.shapes.max_context, b.shapes.hidden_size
