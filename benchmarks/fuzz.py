@@ -729,15 +729,20 @@ async def attacker(url: str, m: Model, frames: int, rng: random.Random, live: Li
             await ws.close()
 
 
-def plan_body(rng: random.Random, m: Model) -> str:
-    """A POST /v1/plan body: a valid request with 0-3 fields (nested ones too) made odd, or junk."""
+def valid_plan(rng: random.Random, m: Model) -> dict[str, Any]:
+    """A valid /v1/plan request for the model, with a random client profile."""
     ms = [round(rng.uniform(0.01, 5), 3) for _ in range(m.num_units)]
-    body: dict[str, Any] = {
+    return {
         "client_profile": {"bundle_id": m.bundle_id, "threads": 1, "prefill_tokens": 16, "context": 64,
                            "prefill_ms": ms, "decode_ms": list(ms)},
         "sla": {"ttft_ms": 500.0, "token_ms": 100.0}, "codec": "int8-block64", "prompt_tokens": 20,
         "uplink_bps": 1e7, "downlink_bps": 1e8, "rtt_ms": 20.0,
     }
+
+
+def plan_body(rng: random.Random, m: Model) -> str:
+    """A POST /v1/plan body: a valid request with 0-3 fields (nested ones too) made odd, or junk."""
+    body = valid_plan(rng, m)
     if rng.random() < 0.08:
         return rng.choice(("", "null", "[]", "{", "\"x\"", "1e999", _text(rng, 40)))
     odd = (None, True, "x", [], {}, -1, 0, 0.5, 1e-300, 1e308, 10**30, 2**63, math.nan, math.inf, -math.inf,
@@ -1061,6 +1066,20 @@ def _export_tiny(out: Path) -> None:
 RSS_GROWTH_LIMIT_BYTES = 256 * 2**20  # server RSS growth over the live phase that counts as a finding
 
 
+async def warm_up(url: str, bundle: Path, m: Model) -> None:
+    """What a server loads once and keeps: a plan (its profile, batch curve and the planner's
+    compiled kernel, ~100 MiB with numba) and the pieces of every split. Done before the RSS
+    baseline, so that growth over the live phase means memory the server did not give back."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+        async with http.post(url + "/v1/plan", data=json.dumps(valid_plan(random.Random(0), m)),
+                             headers={"Content-Type": "application/json"}) as r:
+            await r.read()
+    for split in range(m.num_units - 1):
+        async with SplitClient(bundle, url, split=split, codec="int8-block64") as client:
+            async for _ in client.generate_ids([1, 2, 3], max_new_tokens=4, ignore_eos=True):
+                pass
+
+
 def run_live(bundle: Path | None, frames: int, seed: int, deadline: float, plan_requests: int = 0,
              session_requests: int = 0) -> tuple[Live, dict]:
     from splitllm import Bundle
@@ -1074,6 +1093,7 @@ def run_live(bundle: Path | None, frames: int, seed: int, deadline: float, plan_
         m = Model(b.bundle_id, b.num_units, s.hidden_size, s.vocab_size, s.max_context)
         server = _Server(bundle, "--threads", "1")
         try:
+            asyncio.run(warm_up(server.url, bundle, m))
             rss_before = _vm_hwm(server.proc.pid, "VmRSS")
             live = asyncio.run(live_phase(server.url, bundle, m, frames, seed, deadline, plan_requests=plan_requests,
                                           session_requests=session_requests))
