@@ -14,7 +14,8 @@ from splitllm.planner.model import CLIENT, SERVER, Plan, Problem, better_plan, m
 
 
 def ilp(problem: Problem) -> Plan:
-    """Exact reference: a 0/1 program solved by ``scipy.optimize.milp`` (HiGHS, zero MIP gap).
+    """Exact reference: a 0/1 program solved by ``scipy.optimize.milp`` (HiGHS, zero relative MIP
+    gap; its absolute gap is 1e-6 of the largest layer's work, see below).
 
     Variables: ``x_i`` (layer i on the server), ``u_j``/``d_j`` (a client->server / server->client
     switch at boundary j, with ``x_{-1} = x_L = 0``), all binary; ``u_j >= x_j - x_{j-1}`` and
@@ -47,8 +48,12 @@ def ilp(problem: Problem) -> Plan:
         switch[2 * j + 1, 2 * n + 1 + j] = -1.0
     rows = [LinearConstraint(switch, -np.inf, 0.0)]
     lat_rhs = problem.sla_ms - float(c.cc.sum())
+    # Work in units of the largest layer's: HiGHS stops at an absolute MIP gap of 1e-6 (scipy does
+    # not expose it), so on raw values a problem whose works are all ~1e-7 was "solved" by any
+    # feasible plan. Scaled, the reference is exact to 1e-6 of the largest layer's work.
+    scale = float(c.work.max()) if n and float(c.work.max()) > 0 else 1.0
     work_row = np.zeros(nvar)
-    work_row[:n] = c.work
+    work_row[:n] = c.work / scale
     options = {"mip_rel_gap": 0.0, "presolve": True}
 
     def run(objective: np.ndarray, extra: list[Any]) -> Plan | None:
@@ -75,7 +80,7 @@ def ilp(problem: Problem) -> Plan:
     first = run(work_row, [])
     if first is None:
         return min_latency(problem, "ilp")
-    tol = 1e-9 * max(1.0, abs(first.server_work))
-    hold = LinearConstraint(work_row[None, :], -np.inf, first.server_work + tol)
+    held = first.server_work / scale
+    hold = LinearConstraint(work_row[None, :], -np.inf, held + 1e-9 * max(1.0, abs(held)))
     second = run(lat_row, [hold])
     return first if second is None else better_plan(first, second)
