@@ -29,16 +29,10 @@ def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Sour
     if not path.is_file():
         raise ModelSourceError(f"no GGUF file at {path}")
     check_gguf_arch(gguf_architecture(path))
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    try:
-        parse = GGUFParse(path)
-        metadata = parse.metadata()
-        config = AutoConfig.for_model(**metadata["config"])
-    except Exception as exc:  # transformers raises many types for unreadable checkpoints
-        raise ModelSourceError(f"transformers could not read GGUF {path}: {exc}") from exc
+    parse, metadata, config = _parse(path)
     spec_for(config)  # refuse an unregistered model_type before reading the weights
     try:
         tokenizer = _tokenizer(path, config, metadata)
@@ -52,17 +46,25 @@ def load_gguf(path: str | os.PathLike[str], model_id: str | None = None) -> Sour
 def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The tokenizer :func:`load_gguf` gives the GGUF at ``path``, without loading its weights."""
     path = Path(path)
-    parse = GGUFParse(path)
+    _, metadata, config = _parse(path)
     try:
-        metadata = parse.metadata()
-        from transformers import AutoConfig
-
-        config = AutoConfig.for_model(**metadata["config"])
         return _tokenizer(path, config, metadata)
     except ModelSourceError:
         raise
     except Exception as exc:  # transformers raises many types for unreadable checkpoints
         raise ModelSourceError(f"transformers could not read the tokenizer of GGUF {path}: {exc}") from exc
+
+
+def _parse(path: Path) -> tuple[GGUFParse, dict[str, Any], Any]:
+    """One parse of the GGUF, transformers' metadata from it and the config it describes."""
+    from transformers import AutoConfig
+
+    try:
+        parse = GGUFParse(path)
+        metadata = parse.metadata()
+        return parse, metadata, AutoConfig.for_model(**metadata["config"])
+    except Exception as exc:  # transformers raises many types for unreadable checkpoints
+        raise ModelSourceError(f"transformers could not read GGUF {path}: {exc}") from exc
 
 
 def _tokenizer(path: Path, config: Any, metadata: dict[str, Any]) -> Any:
